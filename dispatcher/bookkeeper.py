@@ -1,0 +1,95 @@
+"""Bookkeeper: status messages from workers -> Postgres, in batches.
+
+Messages are acked only after the transaction that applied them committed, so a crash
+or a database outage loses nothing: unacked messages are redelivered and re-applied,
+which is harmless because applying is idempotent (see ``apply_updates`` in the SQL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage
+
+from dispatcher.broker import Broker
+from dispatcher.finisher import Finisher
+from dispatcher.store import Store
+from schemas.messages import JobLog, MessageError, StatusBatch, StatusUpdate, decode
+
+log = logging.getLogger(__name__)
+
+# errors after which the same batch is tried again once Postgres is back
+RETRYABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
+
+
+class Bookkeeper:
+    def __init__(self, store: Store, broker: Broker, finisher: Finisher, *, batch_size: int, linger: float) -> None:
+        self.store = store
+        self.broker = broker
+        self.finisher = finisher
+        self.batch_size = batch_size
+        self.linger = linger
+        self._pending: list[tuple[AbstractIncomingMessage, StatusBatch]] = []
+        self._count = 0
+        self._has_work = asyncio.Event()
+        self._full = asyncio.Event()
+        self.applied = 0  # updates applied since start (for tests and metrics)
+
+    async def start(self) -> None:
+        # prefetch bounds memory: a status message holds up to a few hundred updates
+        self._stop = await self.broker.consume(self.broker.names.status, self._on_message, prefetch=256)
+
+    async def stop(self) -> None:
+        await self._stop()
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            batch = decode(message.body, StatusBatch)
+        except MessageError as exc:
+            await self.broker.dead_letter(message.body, str(exc), source=self.broker.names.status)
+            await message.ack()
+            return
+        self._pending.append((message, batch))
+        self._count += len(batch.updates) + len(batch.logs)
+        self._has_work.set()
+        if self._count >= self.batch_size:
+            self._full.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._has_work.wait()
+            if self._count < self.batch_size:
+                try:  # give the batch a moment to fill: one transaction for many messages
+                    await asyncio.wait_for(self._full.wait(), self.linger)
+                except TimeoutError:
+                    pass
+            await self.flush()
+
+    async def flush(self) -> set[int]:
+        taken, self._pending, self._count = self._pending, [], 0
+        self._has_work.clear()
+        self._full.clear()
+        if not taken:
+            return set()
+        updates = [u for _, b in taken for u in b.updates]
+        logs = [lg for _, b in taken for lg in b.logs]
+        moved = await self._apply(updates, logs)
+        for message, _ in taken:
+            await message.ack()
+        self.applied += len(updates)
+        # not only the jobs this batch moved: a duplicate may be all that is left of a
+        # batch whose finish check was lost in a crash
+        await self.finisher.check({u.job_id for u in updates if u.status in ("finished", "failed")})
+        return moved
+
+    async def _apply(self, updates: list[StatusUpdate], logs: list[JobLog]) -> set[int]:
+        delay = 0.5
+        while True:
+            try:
+                return await self.store.apply(updates, logs)
+            except RETRYABLE as exc:
+                log.warning("bookkeeping paused: database unavailable", extra={"error": str(exc), "retry_in": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)

@@ -1,0 +1,230 @@
+"""The ``dispatcher`` command. Exit codes: 0 success, 2 bad input, 1 any other failure."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import click
+import orjson
+
+from dispatcher import logs
+from dispatcher.config import Names, Settings, redact
+from dispatcher.status import TERMINAL_WORKFLOW, progress_line, render
+from dispatcher.store import Store
+from schemas.submission import SubmissionError
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def connection_options(func: F) -> F:
+    """Every command takes the connection flags; they override DISPATCHER_* variables."""
+    func = click.option("--queue-prefix", default=None, help="Prefix of every queue name [env DISPATCHER_QUEUE_PREFIX].")(func)
+    func = click.option("--database-url", default=None, help="Postgres DSN [env DISPATCHER_DATABASE_URL].")(func)
+    func = click.option("--amqp-url", default=None, help="RabbitMQ URL [env DISPATCHER_AMQP_URL].")(func)
+    return func
+
+
+def settings_from(amqp_url: str | None, database_url: str | None, queue_prefix: str | None, **more: Any) -> Settings:
+    base = Settings.from_env()
+    names = Names(queue_prefix) if queue_prefix is not None else None
+    return base.override(amqp_url=amqp_url, database_url=database_url, names=names, **more)
+
+
+def run_async(coro: Coroutine[Any, Any, int | None]) -> None:
+    """Run a command's coroutine; map failures onto exit codes with a one-line message."""
+    try:
+        code = asyncio.run(coro)
+    except SubmissionError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+@click.group()
+@click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING or ERROR.")
+@click.version_option(package_name="es-dispatcher")
+def main(log_level: str) -> None:
+    """EventService dispatcher: run workflows of many short payloads as events on
+    RabbitMQ, with per-event bookkeeping in Postgres."""
+    logs.setup(log_level.upper())
+
+
+@main.command()
+@connection_options
+@click.option("--release-window", type=click.IntRange(min=1), default=None,
+              help="Jobs with a queue at one time [env DISPATCHER_RELEASE_WINDOW, default 1000].")
+def start(release_window: int | None, **conn: Any) -> None:
+    """Run the control plane: releaser, bookkeeper, finisher (stop with Ctrl-C/SIGTERM)."""
+    from dispatcher.control import ControlPlane
+
+    settings = settings_from(**conn, release_window=release_window)
+
+    async def go() -> int:
+        stop = stop_on_signals()
+        control = await ControlPlane.connect(settings)
+        try:
+            await control.run(stop)
+        finally:
+            await control.close()
+        return 0
+
+    run_async(go())
+
+
+@main.command()
+@connection_options
+@click.option("--slots", type=click.IntRange(min=1), default=1, show_default=True, help="Events run at once.")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Jobs' working directories [env DISPATCHER_WORK_DIR].")
+@click.option("--log-dir", type=click.Path(path_type=Path), default=None, help="Where job logs go [env DISPATCHER_LOG_DIR].")
+def worker(slots: int, work_dir: Path | None, log_dir: Path | None, **conn: Any) -> None:
+    """Run a worker (the pilot): take jobs, run their events, report every status."""
+    from dispatcher.broker import Broker
+    from workers.worker import Worker
+
+    settings = settings_from(**conn, work_dir=work_dir, log_dir=log_dir)
+
+    async def go() -> int:
+        stop = stop_on_signals()
+        broker = await Broker.connect(settings.amqp_url, settings.names, client="dispatcher-worker")
+        await broker.declare_topology()
+        try:
+            await Worker(broker, slots=slots, work_dir=settings.work_dir, log_dir=settings.log_dir).run(stop)
+        finally:
+            await broker.close()
+        return 0
+
+    run_async(go())
+
+
+@main.command()
+@connection_options
+@click.argument("workflow", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--mapping", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Mapping file (label -> event number -> payload); overrides 'mapping:' in WORKFLOW.")
+@click.option("--wait", is_flag=True, help="Show progress; exit 0 only if every event finished.")
+def submit(workflow: Path, mapping: Path | None, wait: bool, **conn: Any) -> None:
+    """Submit WORKFLOW.yaml; prints the workflow id."""
+    from dispatcher.submit import submit as do_submit
+
+    settings = settings_from(**conn)
+
+    async def go() -> int:
+        store = await Store.connect(settings.database_url, max_size=2)
+        try:
+            await store.upgrade()
+            wf = await do_submit(store, workflow, mapping)
+            click.echo(wf)
+            if wait:
+                return await wait_for_workflow(store, wf)
+            return 0
+        finally:
+            await store.close()
+
+    run_async(go())
+
+
+async def wait_for_workflow(store: Store, workflow_id: int) -> int:
+    """Show progress until the workflow ends, refreshed on every bookkeeping NOTIFY."""
+    changed = asyncio.Event()
+    conn = await asyncpg.connect(store.dsn)
+    await conn.add_listener("dispatcher_progress", lambda *a: changed.set() if a[3] == str(workflow_id) else None)
+    tty = sys.stderr.isatty()
+    try:
+        while True:
+            status = await store.workflow_status(workflow_id)
+            assert status is not None
+            line = progress_line(status)
+            click.echo(("\r" + line) if tty else line, err=True, nl=not tty)
+            if status["status"] in TERMINAL_WORKFLOW:
+                if tty:
+                    click.echo("", err=True)
+                click.echo(render(status), err=True)
+                return 0 if status["status"] == "finished" else 1
+            try:  # the timeout only guards against a lost notification
+                await asyncio.wait_for(changed.wait(), 5.0)
+            except TimeoutError:
+                pass
+            changed.clear()
+            await asyncio.sleep(0.5)  # at most two refreshes a second
+    finally:
+        await conn.close()
+
+
+@main.command()
+@connection_options
+@click.argument("workflow_id", type=int, required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(workflow_id: int | None, as_json: bool, **conn: Any) -> None:
+    """Per task: events by state and jobs by state (latest workflows without an id)."""
+    settings = settings_from(**conn)
+
+    async def go() -> int:
+        store = await Store.connect(settings.database_url, max_size=1)
+        try:
+            if workflow_id is None:
+                rows = await store.latest_workflows()
+                if as_json:
+                    click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+                for r in [] if as_json else rows:
+                    click.echo(f"{r['id']:>6}  {r['status']:<9} {r['n_events']:>9} events  {r['submitted_at']}  {r['name']}")
+                return 0
+            st = await store.workflow_status(workflow_id)
+            if st is None:
+                click.echo(f"error: no workflow {workflow_id}", err=True)
+                return 2
+            click.echo(orjson.dumps(st, option=orjson.OPT_INDENT_2).decode() if as_json else render(st))
+            return 0
+        finally:
+            await store.close()
+
+    run_async(go())
+
+
+@main.group()
+def db() -> None:
+    """Database schema commands."""
+
+
+@db.command()
+@connection_options
+def upgrade(**conn: Any) -> None:
+    """Apply schema migrations (``dispatcher start`` does it too)."""
+    settings = settings_from(**conn)
+
+    async def go() -> int:
+        store = await Store.connect(settings.database_url, max_size=1)
+        try:
+            applied = await store.upgrade()
+            version = await store.schema_version()
+        finally:
+            await store.close()
+        click.echo(f"schema at version {version} ({len(applied)} migration(s) applied) on {redact(settings.database_url)}")
+        return 0
+
+    run_async(go())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,73 @@
+"""Settings, from the environment (``DISPATCHER_*``) and overridable by CLI flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@dataclass(frozen=True)
+class Names:
+    """Every RabbitMQ name the dispatcher uses, under one prefix (tests use their own)."""
+
+    prefix: str = ""
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.prefix}es.jobs"
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}es.status"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}es.dlq"
+
+    def job(self, job_id: int) -> str:
+        return f"{self.prefix}es.job.{job_id}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    amqp_url: str = DEFAULT_AMQP_URL
+    database_url: str = DEFAULT_DATABASE_URL
+    names: Names = field(default_factory=Names)
+    work_dir: Path = Path("var/work")
+    log_dir: Path = Path("var/logs")
+    # jobs with a queue at one time: keeps RabbitMQ small however large the workflow
+    release_window: int = 1000
+    # bookkeeper: how many updates one transaction applies, and how long it waits to fill one
+    batch_size: int = 2000
+    batch_linger: float = 0.05
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        work_dir = Path(env.get("DISPATCHER_WORK_DIR", "var/work"))
+        return cls(
+            amqp_url=env.get("DISPATCHER_AMQP_URL", DEFAULT_AMQP_URL),
+            database_url=env.get("DISPATCHER_DATABASE_URL", DEFAULT_DATABASE_URL),
+            names=Names(env.get("DISPATCHER_QUEUE_PREFIX", "")),
+            work_dir=work_dir,
+            log_dir=Path(env.get("DISPATCHER_LOG_DIR", str(work_dir.parent / "logs"))),
+            release_window=int(env.get("DISPATCHER_RELEASE_WINDOW", "1000")),
+        )
+
+    def override(self, **changes: object) -> Settings:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
+
+
+def redact(url: str) -> str:
+    """A URL fit for a log line: the password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

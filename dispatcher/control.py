@@ -1,0 +1,111 @@
+"""The control plane (``dispatcher start``): releaser, bookkeeper and finisher in one
+asyncio process, wired together here. Several copies may run side by side."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import asyncpg
+
+from dispatcher.bookkeeper import Bookkeeper
+from dispatcher.broker import Broker
+from dispatcher.config import Settings
+from dispatcher.finisher import Finisher
+from dispatcher.releaser import Releaser
+from dispatcher.store import Store
+
+log = logging.getLogger(__name__)
+
+# a claim older than this belongs to a control plane that died while publishing
+STALE_CLAIM_SECONDS = 30.0
+
+
+class ControlPlane:
+    def __init__(self, settings: Settings, store: Store, broker: Broker) -> None:
+        self.settings = settings
+        self.store = store
+        self.broker = broker
+        self.releaser = Releaser(store, broker, window=settings.release_window)
+        self.finisher = Finisher(store, broker, on_task_end=self.releaser.wake)
+        self.bookkeeper = Bookkeeper(
+            store, broker, self.finisher, batch_size=settings.batch_size, linger=settings.batch_linger
+        )
+
+    @classmethod
+    async def connect(cls, settings: Settings) -> ControlPlane:
+        store = await Store.connect(settings.database_url, max_size=6)
+        await store.upgrade()
+        broker = await Broker.connect(settings.amqp_url, settings.names, client="dispatcher-control")
+        await broker.declare_topology()
+        return cls(settings, store, broker)
+
+    async def close(self) -> None:
+        await self.broker.close()
+        await self.store.close()
+
+    async def recover(self) -> None:
+        """Pick up where a previous control plane stopped: finish what is done, announce
+        again every job with work (an announcement without work costs a worker one get)."""
+        await self.finisher.check(await self.store.unfinished_jobs())
+        await self.store.finish_workflows(await self.store.running_workflows())
+        await self.releaser.reclaim(STALE_CLAIM_SECONDS)
+        active = await self.store.unfinished_jobs()
+        if active:
+            await self.releaser.announce(await self.store.jobs_to_publish(active))
+        self.releaser.wake()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.recover()
+        await self.bookkeeper.start()
+        tasks = [
+            asyncio.create_task(self.releaser.run(), name="releaser"),
+            asyncio.create_task(self.bookkeeper.run(), name="bookkeeper"),
+            asyncio.create_task(self._listen(), name="listener"),
+            asyncio.create_task(self._housekeeping(), name="housekeeping"),
+        ]
+        log.info("control plane running", extra={"prefix": self.settings.names.prefix or "-"})
+        waiter = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        # stop taking status messages, apply what was taken, then stop the rest
+        await self.bookkeeper.stop()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.bookkeeper.flush()
+        for task in done:
+            if task is not waiter and task.exception():
+                raise task.exception()  # type: ignore[misc]
+        log.info("control plane stopped")
+
+    async def _listen(self) -> None:
+        """Wake the releaser on every submission (Postgres NOTIFY), reconnecting as needed."""
+        delay = 0.5
+        while True:
+            try:
+                conn = await asyncpg.connect(self.settings.database_url)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("cannot listen for submissions yet", extra={"error": str(exc), "retry_in": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            delay = 0.5
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _c: lost.set())
+            try:
+                await conn.add_listener("dispatcher_submitted", lambda *_: self.releaser.wake())
+                self.releaser.wake()  # a submission may have arrived while not listening
+                await lost.wait()
+                log.warning("lost the submission listener; reconnecting")
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    async def _housekeeping(self) -> None:
+        """Timeouts only: half-released jobs of a control plane that died."""
+        while True:
+            await asyncio.sleep(STALE_CLAIM_SECONDS)
+            await self.releaser.reclaim(STALE_CLAIM_SECONDS)

@@ -1,0 +1,99 @@
+"""Releaser: publishes the event ranges of jobs whose task may run.
+
+A task is released when every task it depends on has finished. Its jobs are then
+published a window at a time (``release_window`` jobs with a queue at once), so that
+RabbitMQ holds a bounded number of queues however large the workflow. It wakes on
+events (a submission, a finished task or job) and never polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from dispatcher.broker import Broker
+from dispatcher.store import JobToPublish, Store
+from schemas.messages import EventRange, EventSpec, JobAnnouncement, PayloadSpec, encode
+
+log = logging.getLogger(__name__)
+
+PUBLISH_CONCURRENCY = 16
+
+
+def announcement(job: JobToPublish, queue: str) -> JobAnnouncement:
+    return JobAnnouncement(
+        workflow_id=job.workflow_id,
+        task_id=job.task_id,
+        job_id=job.id,
+        label=job.label,
+        queue=queue,
+        payload=PayloadSpec.model_validate(job.payload),
+    )
+
+
+class Releaser:
+    def __init__(self, store: Store, broker: Broker, *, window: int) -> None:
+        self.store = store
+        self.broker = broker
+        self.window = window
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.release_once()
+
+    async def release_once(self) -> int:
+        """Release what may run now; returns the number of jobs published."""
+        for task in await self.store.release_ready_tasks():
+            log.info("task released", extra={"workflow": task["workflow_id"], "task": task["label"]})
+        published = 0
+        while job_ids := await self.store.claim_jobs(self.window):
+            await self.publish_jobs(job_ids)
+            published += len(job_ids)
+        return published
+
+    async def reclaim(self, older_than: float) -> None:
+        """Publish again jobs a dead control plane left half-published."""
+        job_ids = await self.store.reclaim_stale_releasing(older_than)
+        if job_ids:
+            log.warning("republishing jobs left half-released", extra={"jobs": len(job_ids)})
+            for job_id in job_ids:
+                await self.broker.delete_queue(self.broker.names.job(job_id))
+            await self.publish_jobs(job_ids)
+
+    async def publish_jobs(self, job_ids: Sequence[int]) -> None:
+        jobs = await self.store.jobs_to_publish(job_ids)
+        limit = asyncio.Semaphore(PUBLISH_CONCURRENCY)
+
+        async def ranges(job: JobToPublish) -> None:
+            async with limit:
+                await self._publish_ranges(job)
+
+        await asyncio.gather(*(ranges(job) for job in jobs))
+        # queued in the bookkeeping before announced: a worker's first status finds it queued
+        await self.store.mark_jobs_queued([job.id for job in jobs])
+        await self.announce(jobs)
+
+    async def announce(self, jobs: Sequence[JobToPublish]) -> None:
+        names = self.broker.names
+        await self.broker.publish_many(
+            (names.jobs, encode(announcement(job, names.job(job.id)))) for job in jobs
+        )
+
+    async def _publish_ranges(self, job: JobToPublish) -> None:
+        queue = self.broker.names.job(job.id)
+        await self.broker.declare_job_queue(queue)
+        rows = await self.store.job_events(job.id)
+        size = job.events_per_range
+        messages = []
+        for start in range(0, len(rows), size):
+            events = [EventSpec(number=r["number"], payload=r["payload"], attempt=r["attempt"]) for r in rows[start : start + size]]
+            messages.append((queue, encode(EventRange(workflow_id=job.workflow_id, job_id=job.id, events=events))))
+        await self.broker.publish_many(messages)
+        log.debug("job published", extra={"job": job.id, "events": len(rows), "ranges": len(messages)})

@@ -1,0 +1,99 @@
+-- Initial schema: workflows -> tasks (a DAG) -> jobs -> events, and every attempt of every event.
+
+CREATE FUNCTION es_status_rank(status text) RETURNS integer
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$ SELECT CASE status WHEN 'ready' THEN 0 WHEN 'queued' THEN 1 WHEN 'running' THEN 2 ELSE 3 END $$;
+
+CREATE TABLE workflows (
+    id            bigserial PRIMARY KEY,
+    name          text NOT NULL,
+    status        text NOT NULL DEFAULT 'running'
+                  CHECK (status IN ('running', 'finished', 'failed', 'cancelled')),
+    spec          jsonb NOT NULL,
+    mapping_path  text,
+    n_events      bigint NOT NULL DEFAULT 0,
+    submitted_at  timestamptz NOT NULL DEFAULT now(),
+    finished_at   timestamptz
+);
+
+CREATE TABLE tasks (
+    id                    bigserial PRIMARY KEY,
+    workflow_id           bigint NOT NULL REFERENCES workflows ON DELETE CASCADE,
+    label                 text NOT NULL,
+    status                text NOT NULL DEFAULT 'waiting'
+                          CHECK (status IN ('waiting', 'released', 'running', 'finished', 'failed', 'cancelled')),
+    event_service         boolean NOT NULL,
+    max_payloads_per_job  integer NOT NULL CHECK (max_payloads_per_job >= 1),
+    events_per_range      integer NOT NULL CHECK (events_per_range >= 1),
+    max_attempts          integer NOT NULL CHECK (max_attempts >= 1),
+    request_walltime      double precision,
+    payload               jsonb NOT NULL,
+    n_events              bigint NOT NULL DEFAULT 0,
+    n_jobs                integer NOT NULL DEFAULT 0,
+    released_at           timestamptz,
+    started_at            timestamptz,
+    finished_at           timestamptz,
+    UNIQUE (workflow_id, label)
+);
+
+CREATE TABLE task_deps (
+    task_id    bigint NOT NULL REFERENCES tasks ON DELETE CASCADE,
+    parent_id  bigint NOT NULL REFERENCES tasks ON DELETE CASCADE,
+    PRIMARY KEY (task_id, parent_id)
+);
+CREATE INDEX task_deps_parent ON task_deps (parent_id);
+
+CREATE TABLE jobs (
+    id            bigserial PRIMARY KEY,
+    workflow_id   bigint NOT NULL REFERENCES workflows ON DELETE CASCADE,
+    task_id       bigint NOT NULL REFERENCES tasks ON DELETE CASCADE,
+    seq           integer NOT NULL,
+    status        text NOT NULL DEFAULT 'pending'
+                  CHECK (status IN ('pending', 'releasing', 'queued', 'running', 'finished', 'failed', 'cancelled')),
+    n_events      integer NOT NULL,
+    first_number  bigint NOT NULL,
+    last_number   bigint NOT NULL,
+    walltime      double precision,
+    log_path      text,
+    claimed_at    timestamptz,
+    queued_at     timestamptz,
+    started_at    timestamptz,
+    finished_at   timestamptz,
+    UNIQUE (task_id, seq)
+);
+CREATE INDEX jobs_workflow ON jobs (workflow_id);
+-- the releaser's work list and window count stay small whatever the size of the table
+CREATE INDEX jobs_pending ON jobs (id) WHERE status = 'pending';
+CREATE INDEX jobs_active ON jobs (status) WHERE status IN ('releasing', 'queued', 'running');
+
+-- No index on status: status updates stay HOT (heap-only) and cheap.
+CREATE TABLE events (
+    job_id      bigint NOT NULL REFERENCES jobs ON DELETE CASCADE,
+    number      bigint NOT NULL,
+    task_id     bigint NOT NULL,
+    payload     text NOT NULL,
+    status      text NOT NULL DEFAULT 'ready'
+                CHECK (status IN ('ready', 'queued', 'running', 'finished', 'failed', 'cancelled')),
+    attempt     integer NOT NULL DEFAULT 0,
+    worker      text,
+    started_at  timestamptz,
+    ended_at    timestamptz,
+    exit_code   integer,
+    error       text,
+    PRIMARY KEY (job_id, number),
+    UNIQUE (task_id, number)
+);
+
+CREATE TABLE attempts (
+    job_id      bigint NOT NULL,
+    number      bigint NOT NULL,
+    attempt     integer NOT NULL,
+    status      text NOT NULL CHECK (status IN ('running', 'finished', 'failed')),
+    worker      text NOT NULL,
+    started_at  timestamptz,
+    ended_at    timestamptz,
+    exit_code   integer,
+    error       text,
+    PRIMARY KEY (job_id, number, attempt),
+    FOREIGN KEY (job_id, number) REFERENCES events ON DELETE CASCADE
+);

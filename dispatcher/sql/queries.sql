@@ -1,0 +1,229 @@
+-- Named queries: each starts with "-- name: NAME" and runs through Store.
+
+-- name: insert_workflow
+INSERT INTO workflows (name, spec, mapping_path) VALUES ($1, $2, $3) RETURNING id;
+
+-- name: insert_task
+INSERT INTO tasks (workflow_id, label, event_service, max_payloads_per_job, events_per_range,
+                   max_attempts, request_walltime, payload)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+RETURNING id;
+
+-- name: insert_task_dep
+INSERT INTO task_deps (task_id, parent_id) VALUES ($1, $2);
+
+-- name: create_staging
+CREATE TEMP TABLE staging (task_id bigint NOT NULL, number bigint NOT NULL, payload text NOT NULL)
+ON COMMIT DROP;
+
+-- name: count_staged
+SELECT task_id, count(*) AS n FROM staging GROUP BY task_id;
+
+-- name: stage_jobs
+-- Jobs are cut over the sorted event numbers of each task; gaps in the numbers are fine.
+CREATE TEMP TABLE staged ON COMMIT DROP AS
+SELECT s.task_id, s.number, s.payload,
+       ((row_number() OVER (PARTITION BY s.task_id ORDER BY s.number)) - 1) / t.max_payloads_per_job AS seq
+FROM staging s JOIN tasks t ON t.id = s.task_id;
+
+-- name: insert_jobs
+INSERT INTO jobs (workflow_id, task_id, seq, n_events, first_number, last_number, walltime)
+SELECT $1, s.task_id, s.seq, count(*), min(s.number), max(s.number), t.request_walltime * count(*)
+FROM staged s JOIN tasks t ON t.id = s.task_id
+GROUP BY s.task_id, s.seq, t.request_walltime
+ORDER BY s.task_id, s.seq;
+
+-- name: insert_events
+INSERT INTO events (job_id, number, task_id, payload)
+SELECT j.id, s.number, s.task_id, s.payload
+FROM staged s JOIN jobs j ON j.task_id = s.task_id AND j.seq = s.seq;
+
+-- name: count_task_jobs
+UPDATE tasks t SET n_events = c.n_events, n_jobs = c.n_jobs
+FROM (SELECT task_id, sum(n_events) AS n_events, count(*) AS n_jobs FROM jobs WHERE workflow_id = $1 GROUP BY task_id) c
+WHERE t.id = c.task_id;
+
+-- name: count_workflow_events
+UPDATE workflows SET n_events = (SELECT coalesce(sum(n_events), 0) FROM tasks WHERE workflow_id = $1)
+WHERE id = $1;
+
+-- name: notify_submitted
+SELECT pg_notify('dispatcher_submitted', $1::bigint::text);
+
+-- name: release_ready_tasks
+-- A waiting task is released when every task it depends on has finished.
+UPDATE tasks t SET status = 'released', released_at = now()
+WHERE t.status = 'waiting'
+  AND NOT EXISTS (SELECT 1 FROM task_deps d JOIN tasks p ON p.id = d.parent_id
+                  WHERE d.task_id = t.id AND p.status <> 'finished')
+RETURNING t.id, t.workflow_id, t.label;
+
+-- name: cancel_blocked_tasks
+-- A waiting task whose parent failed or was cancelled can never run.
+UPDATE tasks t SET status = 'cancelled', finished_at = now()
+WHERE t.status = 'waiting'
+  AND EXISTS (SELECT 1 FROM task_deps d JOIN tasks p ON p.id = d.parent_id
+              WHERE d.task_id = t.id AND p.status IN ('failed', 'cancelled'))
+RETURNING t.id, t.workflow_id, t.label;
+
+-- name: cancel_task_work
+WITH j AS (
+    UPDATE jobs SET status = 'cancelled', finished_at = now()
+    WHERE task_id = ANY($1::bigint[]) AND status NOT IN ('finished', 'failed', 'cancelled')
+    RETURNING id
+)
+UPDATE events SET status = 'cancelled'
+WHERE job_id IN (SELECT id FROM j) AND status NOT IN ('finished', 'failed', 'cancelled');
+
+-- name: count_active_jobs
+SELECT count(*) FROM jobs WHERE status IN ('releasing', 'queued', 'running');
+
+-- name: claim_jobs
+-- The releaser claims pending jobs of released tasks, oldest first, up to its window.
+UPDATE jobs SET status = 'releasing', claimed_at = now()
+WHERE id IN (
+    SELECT j.id FROM jobs j JOIN tasks t ON t.id = j.task_id
+    WHERE j.status = 'pending' AND t.status IN ('released', 'running')
+    ORDER BY j.id
+    LIMIT $1
+    FOR UPDATE OF j SKIP LOCKED
+)
+RETURNING id;
+
+-- name: reclaim_stale_releasing
+-- Jobs left 'releasing' by a control plane that died while publishing them.
+UPDATE jobs SET claimed_at = now()
+WHERE status = 'releasing' AND claimed_at < now() - make_interval(secs => $1)
+RETURNING id;
+
+-- name: jobs_to_publish
+SELECT j.id, j.workflow_id, j.task_id, t.label, t.payload, t.events_per_range
+FROM jobs j JOIN tasks t ON t.id = j.task_id
+WHERE j.id = ANY($1::bigint[])
+ORDER BY j.id;
+
+-- name: job_events
+SELECT number, payload, greatest(attempt, 1) AS attempt
+FROM events WHERE job_id = $1 AND status IN ('ready', 'queued')
+ORDER BY number;
+
+-- name: mark_jobs_queued
+WITH j AS (
+    UPDATE jobs SET status = 'queued', queued_at = now()
+    WHERE id = ANY($1::bigint[]) AND status = 'releasing'
+    RETURNING id
+)
+UPDATE events SET status = 'queued', attempt = greatest(attempt, 1)
+WHERE job_id IN (SELECT id FROM j) AND status = 'ready';
+
+-- name: apply_updates
+-- The event state machine. An update applies only if it is newer: a later attempt, or
+-- the same attempt further along (queued < running < finished/failed). Terminal events
+-- never move, so duplicates and stale attempts change nothing.
+UPDATE events e SET
+    status = u.status,
+    attempt = u.attempt,
+    worker = u.worker,
+    started_at = coalesce(u.started_at, CASE WHEN u.attempt = e.attempt THEN e.started_at END),
+    ended_at = u.ended_at,
+    exit_code = u.exit_code,
+    error = u.error
+FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::text[],
+            $6::timestamptz[], $7::timestamptz[], $8::int[], $9::text[])
+     AS u(job_id, number, attempt, status, worker, started_at, ended_at, exit_code, error)
+WHERE e.job_id = u.job_id AND e.number = u.number
+  AND e.status NOT IN ('finished', 'failed', 'cancelled')
+  AND (u.attempt > e.attempt OR (u.attempt = e.attempt AND es_status_rank(u.status) > es_status_rank(e.status)))
+RETURNING e.job_id;
+
+-- name: record_attempts
+INSERT INTO attempts AS a (job_id, number, attempt, status, worker, started_at, ended_at, exit_code, error)
+SELECT u.* FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::text[],
+                       $6::timestamptz[], $7::timestamptz[], $8::int[], $9::text[])
+     AS u(job_id, number, attempt, status, worker, started_at, ended_at, exit_code, error)
+WHERE EXISTS (SELECT 1 FROM events e WHERE e.job_id = u.job_id AND e.number = u.number)
+ON CONFLICT (job_id, number, attempt) DO UPDATE SET
+    status = excluded.status,
+    worker = excluded.worker,
+    started_at = coalesce(excluded.started_at, a.started_at),
+    ended_at = excluded.ended_at,
+    exit_code = excluded.exit_code,
+    error = excluded.error
+WHERE es_status_rank(excluded.status) > es_status_rank(a.status);
+
+-- name: mark_jobs_running
+WITH j AS (
+    UPDATE jobs SET status = 'running', started_at = now()
+    WHERE id = ANY($1::bigint[]) AND status = 'queued'
+    RETURNING task_id
+)
+UPDATE tasks SET status = 'running', started_at = now()
+WHERE id IN (SELECT task_id FROM j) AND status = 'released';
+
+-- name: set_job_logs
+UPDATE jobs j SET log_path = u.path
+FROM unnest($1::bigint[], $2::text[]) AS u(job_id, path)
+WHERE j.id = u.job_id;
+
+-- name: job_workflows
+SELECT DISTINCT workflow_id FROM jobs WHERE id = ANY($1::bigint[]);
+
+-- name: notify_progress
+SELECT pg_notify('dispatcher_progress', w::text) FROM unnest($1::bigint[]) AS w;
+
+-- name: finish_jobs
+-- Idempotent: a job ends once, when none of its events is left to run.
+UPDATE jobs j SET
+    status = CASE WHEN EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id AND e.status = 'failed')
+                  THEN 'failed' ELSE 'finished' END,
+    finished_at = now()
+WHERE j.id = ANY($1::bigint[]) AND j.status IN ('queued', 'running')
+  AND NOT EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id
+                  AND e.status NOT IN ('finished', 'failed', 'cancelled'))
+RETURNING j.id, j.task_id, j.status;
+
+-- name: finish_tasks
+UPDATE tasks t SET
+    status = CASE WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.task_id = t.id AND j.status <> 'finished')
+                  THEN 'failed' ELSE 'finished' END,
+    finished_at = now()
+WHERE t.id = ANY($1::bigint[]) AND t.status IN ('released', 'running')
+  AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.task_id = t.id
+                  AND j.status NOT IN ('finished', 'failed', 'cancelled'))
+RETURNING t.id, t.workflow_id, t.status;
+
+-- name: finish_workflows
+UPDATE workflows w SET
+    status = CASE WHEN EXISTS (SELECT 1 FROM tasks t WHERE t.workflow_id = w.id AND t.status <> 'finished')
+                  THEN 'failed' ELSE 'finished' END,
+    finished_at = now()
+WHERE w.id = ANY($1::bigint[]) AND w.status = 'running'
+  AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.workflow_id = w.id
+                  AND t.status NOT IN ('finished', 'failed', 'cancelled'))
+RETURNING w.id, w.status;
+
+-- name: unfinished_jobs
+-- Start-up sweep: queued or running jobs whose events may all be terminal already.
+SELECT id FROM jobs WHERE status IN ('queued', 'running');
+
+-- name: running_workflows
+SELECT id FROM workflows WHERE status = 'running';
+
+-- name: workflow
+SELECT id, name, status, n_events, submitted_at, finished_at FROM workflows WHERE id = $1;
+
+-- name: latest_workflows
+SELECT id, name, status, n_events, submitted_at, finished_at FROM workflows ORDER BY id DESC LIMIT $1;
+
+-- name: task_summary
+SELECT t.id, t.label, t.status, t.event_service, t.max_payloads_per_job, t.n_events, t.n_jobs,
+       t.released_at, t.started_at, t.finished_at
+FROM tasks t WHERE t.workflow_id = $1 ORDER BY t.id;
+
+-- name: event_counts
+SELECT task_id, status, count(*) AS n FROM events
+WHERE task_id IN (SELECT id FROM tasks WHERE workflow_id = $1)
+GROUP BY task_id, status;
+
+-- name: job_counts
+SELECT task_id, status, count(*) AS n FROM jobs WHERE workflow_id = $1 GROUP BY task_id, status;

@@ -1,0 +1,265 @@
+"""The Postgres bookkeeping behind one small interface. All SQL lives in ``sql/``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from dispatcher import migrate
+from dispatcher.queries import q
+from schemas.messages import JobLog, StatusUpdate
+from schemas.submission import LabelPlan, SubmissionError
+
+log = logging.getLogger(__name__)
+
+TERMINAL = ("finished", "failed", "cancelled")
+_RANK = {"queued": 1, "running": 2, "finished": 3, "failed": 3}
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb", encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads, schema="pg_catalog"
+    )
+
+
+@dataclass(frozen=True)
+class JobToPublish:
+    id: int
+    workflow_id: int
+    task_id: int
+    label: str
+    payload: dict[str, Any]
+    events_per_range: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    jobs: list[tuple[int, str]]  # (job id, status)
+    tasks: list[tuple[int, str]]
+    workflows: list[tuple[int, str]]
+
+
+def newest_updates(updates: Iterable[StatusUpdate]) -> list[StatusUpdate]:
+    """One update per (event, attempt): the furthest along, keeping the start time of
+    an earlier 'running' (a batch often holds both 'running' and 'finished')."""
+    best: dict[tuple[int, int, int], StatusUpdate] = {}
+    for u in updates:
+        key = (u.job_id, u.number, u.attempt)
+        old = best.get(key)
+        if old is None or _RANK[u.status] > _RANK[old.status]:
+            if old is not None and u.started_at is None and old.started_at is not None:
+                u = u.model_copy(update={"started_at": old.started_at})
+            best[key] = u
+    return list(best.values())
+
+
+def _columns(updates: Sequence[StatusUpdate]) -> list[list[Any]]:
+    return [
+        [u.job_id for u in updates],
+        [u.number for u in updates],
+        [u.attempt for u in updates],
+        [u.status for u in updates],
+        [u.worker for u in updates],
+        [u.started_at for u in updates],
+        [u.ended_at for u in updates],
+        [u.exit_code for u in updates],
+        [u.error for u in updates],
+    ]
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
+        self.pool = pool
+        self.dsn = dsn
+
+    @classmethod
+    async def connect(cls, dsn: str, *, max_size: int = 4) -> Store:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, init=_init_connection)
+        assert pool is not None
+        return cls(pool, dsn)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def upgrade(self) -> list[migrate.Migration]:
+        async with self.pool.acquire() as conn:
+            return await migrate.upgrade(conn)
+
+    async def schema_version(self) -> int:
+        async with self.pool.acquire() as conn:
+            return await migrate.current_version(conn)
+
+    # -- submission -------------------------------------------------------------------
+
+    async def insert_workflow(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        mapping_path: str,
+        plans: Sequence[LabelPlan],
+        events: Callable[[dict[str, int]], Iterable[tuple[int, int, str]]],
+    ) -> int:
+        """Write a whole workflow in one transaction; ``events(task ids by label)`` yields
+        ``(task id, number, payload)`` rows, streamed into Postgres with COPY."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            wf = await conn.fetchval(q("insert_workflow"), name, spec, mapping_path)
+            task_ids: dict[str, int] = {}
+            for p in plans:
+                task_ids[p.label] = await conn.fetchval(
+                    q("insert_task"),
+                    wf,
+                    p.label,
+                    p.event_service,
+                    p.max_payloads_per_job,
+                    p.events_per_range,
+                    p.max_attempts,
+                    p.request_walltime,
+                    p.payload.model_dump(exclude_none=True),
+                )
+            for p in plans:
+                for parent in p.parents:
+                    await conn.execute(q("insert_task_dep"), task_ids[p.label], task_ids[parent])
+            await conn.execute(q("create_staging"))
+            await conn.copy_records_to_table(
+                "staging", records=events(task_ids), columns=["task_id", "number", "payload"]
+            )
+            counts = {r["task_id"]: r["n"] for r in await conn.fetch(q("count_staged"))}
+            empty = [label for label, tid in task_ids.items() if not counts.get(tid)]
+            if empty:
+                raise SubmissionError(f"no mapping entries for label(s): {', '.join(empty)}")
+            await conn.execute(q("stage_jobs"))
+            await conn.execute(q("insert_jobs"), wf)
+            try:
+                await conn.execute(q("insert_events"))
+            except asyncpg.UniqueViolationError as exc:
+                labels = {v: k for k, v in task_ids.items()}
+                detail = exc.detail or ""
+                raise SubmissionError(f"mapping file repeats an event number ({_dup(detail, labels)})") from None
+            await conn.execute(q("count_task_jobs"), wf)
+            await conn.execute(q("count_workflow_events"), wf)
+            await conn.execute(q("notify_submitted"), wf)
+            return int(wf)
+
+    # -- releaser ---------------------------------------------------------------------
+
+    async def release_ready_tasks(self) -> list[asyncpg.Record]:
+        """Release tasks whose parents all finished; cancel those that can never run."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            cancelled: list[asyncpg.Record] = []
+            while True:  # cancellation runs down the DAG one level per round
+                rows = await conn.fetch(q("cancel_blocked_tasks"))
+                if not rows:
+                    break
+                await conn.execute(q("cancel_task_work"), [r["id"] for r in rows])
+                cancelled += rows
+            for r in cancelled:
+                log.info("task cancelled: a parent did not finish", extra={"task": r["label"], "workflow": r["workflow_id"]})
+            released: list[asyncpg.Record] = await conn.fetch(q("release_ready_tasks"))
+            return released
+
+    async def claim_jobs(self, window: int) -> list[int]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            active = await conn.fetchval(q("count_active_jobs"))
+            if active >= window:
+                return []
+            return [r["id"] for r in await conn.fetch(q("claim_jobs"), window - active)]
+
+    async def reclaim_stale_releasing(self, older_than: float) -> list[int]:
+        return [r["id"] for r in await self.pool.fetch(q("reclaim_stale_releasing"), older_than)]
+
+    async def jobs_to_publish(self, job_ids: Sequence[int]) -> list[JobToPublish]:
+        rows = await self.pool.fetch(q("jobs_to_publish"), list(job_ids))
+        return [JobToPublish(**dict(r)) for r in rows]
+
+    async def job_events(self, job_id: int) -> list[asyncpg.Record]:
+        return list(await self.pool.fetch(q("job_events"), job_id))
+
+    async def mark_jobs_queued(self, job_ids: Sequence[int]) -> None:
+        await self.pool.execute(q("mark_jobs_queued"), list(job_ids))
+
+    # -- bookkeeper -------------------------------------------------------------------
+
+    async def apply(self, updates: Sequence[StatusUpdate], logs: Sequence[JobLog] = ()) -> set[int]:
+        """Apply a batch of status updates in one transaction; returns the jobs it moved."""
+        updates = newest_updates(updates)
+        cols = _columns(updates)
+        async with self.pool.acquire() as conn, conn.transaction():
+            moved = {r["job_id"] for r in await conn.fetch(q("apply_updates"), *cols)}
+            await conn.execute(q("record_attempts"), *cols)
+            if moved:
+                await conn.execute(q("mark_jobs_running"), list(moved))
+            if logs:
+                await conn.execute(q("set_job_logs"), [lg.job_id for lg in logs], [lg.path for lg in logs])
+            touched = moved | {lg.job_id for lg in logs}
+            if touched:
+                wfs = [r["workflow_id"] for r in await conn.fetch(q("job_workflows"), list(touched))]
+                await conn.execute(q("notify_progress"), wfs)
+        return moved
+
+    # -- finisher ---------------------------------------------------------------------
+
+    async def finish(self, job_ids: Iterable[int]) -> Finished:
+        """Finish the given jobs if all their events are terminal, then their tasks and
+        workflows. Idempotent: each row moves to its end state once."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            jobs = await conn.fetch(q("finish_jobs"), list(job_ids))
+            tasks = await conn.fetch(q("finish_tasks"), list({r["task_id"] for r in jobs})) if jobs else []
+            wfs = await conn.fetch(q("finish_workflows"), list({r["workflow_id"] for r in tasks})) if tasks else []
+            if tasks:
+                await conn.execute(q("notify_progress"), list({r["workflow_id"] for r in tasks}))
+        return Finished(
+            jobs=[(r["id"], r["status"]) for r in jobs],
+            tasks=[(r["id"], r["status"]) for r in tasks],
+            workflows=[(r["id"], r["status"]) for r in wfs],
+        )
+
+    async def finish_workflows(self, workflow_ids: Sequence[int]) -> list[tuple[int, str]]:
+        rows = await self.pool.fetch(q("finish_workflows"), list(workflow_ids))
+        return [(r["id"], r["status"]) for r in rows]
+
+    async def unfinished_jobs(self) -> list[int]:
+        return [r["id"] for r in await self.pool.fetch(q("unfinished_jobs"))]
+
+    async def running_workflows(self) -> list[int]:
+        return [r["id"] for r in await self.pool.fetch(q("running_workflows"))]
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def workflow_status(self, workflow_id: int) -> dict[str, Any] | None:
+        async with self.pool.acquire() as conn:
+            wf = await conn.fetchrow(q("workflow"), workflow_id)
+            if wf is None:
+                return None
+            tasks = await conn.fetch(q("task_summary"), workflow_id)
+            events = await conn.fetch(q("event_counts"), workflow_id)
+            jobs = await conn.fetch(q("job_counts"), workflow_id)
+        by_task: dict[int, dict[str, Any]] = {}
+        for t in tasks:
+            by_task[t["id"]] = {**_jsonable(t), "events": {}, "jobs": {}}
+        for r in events:
+            by_task[r["task_id"]]["events"][r["status"]] = r["n"]
+        for r in jobs:
+            by_task[r["task_id"]]["jobs"][r["status"]] = r["n"]
+        return {**_jsonable(wf), "tasks": list(by_task.values())}
+
+    async def latest_workflows(self, limit: int = 20) -> list[dict[str, Any]]:
+        return [_jsonable(r) for r in await self.pool.fetch(q("latest_workflows"), limit)]
+
+
+def _jsonable(row: asyncpg.Record) -> dict[str, Any]:
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in dict(row).items()}
+
+
+def _dup(detail: str, labels: dict[int, str]) -> str:
+    # detail looks like: Key (task_id, number)=(12, 7) already exists.
+    try:
+        task_id, number = detail.split("=(", 1)[1].split(")", 1)[0].split(", ")
+        return f"label {labels[int(task_id)]!r}, event {number}"
+    except (IndexError, ValueError, KeyError):
+        return detail

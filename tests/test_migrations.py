@@ -1,0 +1,63 @@
+"""The migrations add up to schema.sql, and upgrading is idempotent."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from dispatcher import migrate
+from dispatcher.queries import parse, queries
+from tests.conftest import Services, _drop, create_database
+
+# Everything that makes up the schema, in a comparable form.
+CATALOG = {
+    "columns": """
+        SELECT table_name, column_name, data_type, is_nullable, column_default, ordinal_position
+        FROM information_schema.columns WHERE table_schema = 'public' ORDER BY 1, 2""",
+    "constraints": """
+        SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)
+        FROM pg_constraint WHERE connamespace = 'public'::regnamespace ORDER BY 1, 2""",
+    "indexes": "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1, 2",
+    "functions": """
+        SELECT proname, pg_get_functiondef(oid) FROM pg_proc
+        WHERE pronamespace = 'public'::regnamespace ORDER BY 1""",
+    "versions": "SELECT version, name FROM schema_version ORDER BY 1",
+}
+
+
+async def catalog(dsn: str) -> dict[str, list[tuple[object, ...]]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {k: [tuple(r) for r in await conn.fetch(sql)] for k, sql in CATALOG.items()}
+    finally:
+        await conn.close()
+
+
+async def test_migrated_database_equals_fresh_schema(services: Services) -> None:
+    migrated, fresh = await create_database(services), await create_database(services)
+    try:
+        conn = await asyncpg.connect(services.dsn(migrated))
+        applied = await migrate.upgrade(conn)
+        assert [m.version for m in applied] == [m.version for m in migrate.migrations()]
+        assert await migrate.upgrade(conn) == []  # a second upgrade does nothing
+        await conn.close()
+        conn = await asyncpg.connect(services.dsn(fresh))
+        await migrate.create_fresh(conn)
+        await conn.close()
+        a, b = await catalog(services.dsn(migrated)), await catalog(services.dsn(fresh))
+        assert a["columns"], "the comparison must see the tables"
+        assert a == b
+    finally:
+        await _drop(services, migrated)
+        await _drop(services, fresh)
+
+
+def test_migration_files_are_numbered_without_gaps() -> None:
+    versions = [m.version for m in migrate.migrations()]
+    assert versions == list(range(1, len(versions) + 1))
+
+
+def test_every_named_query_is_unique_and_nonempty() -> None:
+    assert all(sql for sql in queries().values())
+    with pytest.raises(ValueError, match="defined twice"):
+        parse("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;\n")

@@ -1,0 +1,185 @@
+"""Submission writing and the bookkeeping state machine, against a real Postgres."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dispatcher.store import Store
+from dispatcher.submit import submit
+from schemas.messages import StatusUpdate
+from tests.conftest import EXAMPLES
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+async def job_sizes(store: Store, label: str) -> list[int]:
+    rows = await store.pool.fetch(
+        "SELECT j.n_events FROM jobs j JOIN tasks t ON t.id = j.task_id WHERE t.label = $1 ORDER BY j.seq", label
+    )
+    return [r["n_events"] for r in rows]
+
+
+async def test_rubin_example_is_split_into_jobs_of_36(store: Store) -> None:
+    wf = await submit(store, EXAMPLES / "rubin-isr.yaml")
+    assert await job_sizes(store, "isr") == [36] * 27 + [28]
+    assert await job_sizes(store, "pipeinit") == [1]
+    assert await store.pool.fetchval("SELECT count(*) FROM events WHERE status = 'ready'") == 1002
+    st = await store.workflow_status(wf)
+    assert st is not None and st["n_events"] == 1002
+    assert [(t["label"], t["status"], t["n_jobs"]) for t in st["tasks"]] == [
+        ("pipeinit", "waiting", 1), ("isr", "waiting", 28), ("final", "waiting", 1)]
+    # each job covers consecutive sorted numbers and records its walltime (600 s x payloads)
+    row = await store.pool.fetchrow(
+        "SELECT first_number, last_number, walltime FROM jobs j JOIN tasks t ON t.id = j.task_id "
+        "WHERE t.label = 'isr' AND j.seq = 1")
+    assert (row["first_number"], row["last_number"], row["walltime"]) == (36, 71, 600.0 * 36)
+
+
+async def test_without_request_walltime_jobs_hold_10(store: Store, tmp_path: Path) -> None:
+    data = yaml.safe_load((EXAMPLES / "rubin-isr.yaml").read_text())
+    del data["pipetask"]["isr"]["requestWalltime"]
+    data["mapping"] = str(EXAMPLES / "rubin-isr-mapping.json")
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump(data))
+    await submit(store, tmp_path / "wf.yaml")
+    assert await job_sizes(store, "isr") == [10] * 100
+
+
+async def test_gaps_in_event_numbers_are_split_over_sorted_numbers(store: Store, tmp_path: Path) -> None:
+    numbers = [100, 3, 7, 50, 51, 2, 9999]
+    (tmp_path / "m.json").write_text(json.dumps({"t": {str(n): f"p{n}" for n in numbers}}))
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump({
+        "mapping": "m.json", "enableEventService": "t", "maxEventsPerJob": 3,
+        "pipetask": {"t": {"payloadCommand": "echo {payload}"}}}))
+    await submit(store, tmp_path / "wf.yaml")
+    rows = await store.pool.fetch("SELECT j.seq, array_agg(e.number ORDER BY e.number) AS numbers "
+                                  "FROM events e JOIN jobs j ON j.id = e.job_id GROUP BY j.seq ORDER BY j.seq")
+    assert [list(r["numbers"]) for r in rows] == [[2, 3, 7], [50, 51, 100], [9999]]
+
+
+async def queued_event(store: Store) -> tuple[int, int]:
+    """Submit the example and pretend its first job was published."""
+    await submit(store, EXAMPLES / "rubin-isr.yaml")
+    job_id = await store.pool.fetchval("SELECT min(id) FROM jobs")
+    await store.pool.execute("UPDATE jobs SET status = 'releasing' WHERE id = $1", job_id)
+    await store.mark_jobs_queued([job_id])
+    number = await store.pool.fetchval("SELECT number FROM events WHERE job_id = $1", job_id)
+    return job_id, number
+
+
+def update(job: int, number: int, attempt: int, status: str, **kw: Any) -> StatusUpdate:
+    return StatusUpdate(job_id=job, number=number, attempt=attempt, status=status, worker="w1", **kw)  # type: ignore[arg-type]
+
+
+async def snapshot(store: Store) -> list[tuple[object, ...]]:
+    events = await store.pool.fetch("SELECT * FROM events ORDER BY job_id, number")
+    attempts = await store.pool.fetch("SELECT * FROM attempts ORDER BY job_id, number, attempt")
+    jobs = await store.pool.fetch("SELECT id, status, log_path FROM jobs ORDER BY id")
+    return [tuple(r) for r in [*events, *attempts, *jobs]]
+
+
+async def test_state_machine_moves_forward_only(store: Store) -> None:
+    job, n = await queued_event(store)
+
+    async def state() -> tuple[str, int]:
+        row = await store.pool.fetchrow("SELECT status, attempt FROM events WHERE job_id=$1 AND number=$2", job, n)
+        return row["status"], row["attempt"]
+
+    assert await state() == ("queued", 1)
+    assert await store.apply([update(job, n, 1, "running", started_at=T0)]) == {job}
+    assert await state() == ("running", 1)
+    assert await store.pool.fetchval("SELECT status FROM jobs WHERE id = $1", job) == "running"
+    await store.apply([update(job, n, 2, "running", started_at=T0)])  # a newer attempt wins
+    assert await state() == ("running", 2)
+    assert await store.apply([update(job, n, 1, "finished", ended_at=T0)]) == set()  # stale attempt
+    assert await state() == ("running", 2)
+    await store.apply([update(job, n, 2, "finished", started_at=T0, ended_at=T0 + timedelta(seconds=1), exit_code=0)])
+    assert await state() == ("finished", 2)
+    assert await store.apply([update(job, n, 3, "running")]) == set()  # finished never moves
+    assert await state() == ("finished", 2)
+    attempts = await store.pool.fetch("SELECT attempt, status FROM attempts ORDER BY attempt")
+    assert [tuple(r) for r in attempts] == [(1, "finished"), (2, "finished"), (3, "running")]
+
+
+async def test_applying_the_same_batch_twice_changes_nothing(store: Store) -> None:
+    job, n = await queued_event(store)
+    batch = [
+        update(job, n, 1, "running", started_at=T0),
+        update(job, n, 1, "finished", started_at=T0, ended_at=T0 + timedelta(seconds=2), exit_code=0),
+        update(job, n + 1, 1, "failed", started_at=T0, ended_at=T0, exit_code=3, error="boom"),
+    ]
+    await store.apply(batch)
+    first = await snapshot(store)
+    await store.apply(batch)
+    await store.apply(list(reversed(batch)))
+    assert await snapshot(store) == first
+    row = await store.pool.fetchrow("SELECT status, started_at, exit_code FROM events WHERE job_id=$1 AND number=$2",
+                                    job, n)
+    assert (row["status"], row["started_at"], row["exit_code"]) == ("finished", T0, 0)
+
+
+async def test_older_attempt_after_newer_changes_nothing(store: Store) -> None:
+    job, n = await queued_event(store)
+    await store.apply([update(job, n, 2, "finished", started_at=T0, ended_at=T0, exit_code=0)])
+    before = await snapshot(store)
+    await store.apply([update(job, n, 1, "running", started_at=T0)])
+    await store.apply([update(job, n, 1, "failed", started_at=T0, ended_at=T0, exit_code=1)])
+    after = await snapshot(store)
+    # the older attempt is history (it did run), never the event's state
+    assert [r for r in after if r not in before] == [
+        (job, n, 1, "failed", "w1", T0, T0, 1, None)]
+    assert await store.pool.fetchval("SELECT status FROM events WHERE job_id=$1 AND number=$2", job, n) == "finished"
+
+
+async def test_updates_for_unknown_events_are_ignored(store: Store) -> None:
+    job, n = await queued_event(store)
+    before = await snapshot(store)
+    assert await store.apply([update(job + 999, n, 1, "finished"), update(job, 10**9, 1, "running")]) == set()
+    assert await snapshot(store) == before
+
+
+async def test_finish_is_idempotent_and_releases_children(store: Store) -> None:
+    await submit(store, EXAMPLES / "rubin-isr.yaml")
+    released = await store.release_ready_tasks()
+    assert [r["label"] for r in released] == ["pipeinit"]
+    assert await store.release_ready_tasks() == []
+    [job] = await store.claim_jobs(window=10)
+    await store.mark_jobs_queued([job])
+    [n] = [r["number"] for r in await store.job_events(job)]
+    assert (await store.finish([job])).jobs == []  # not done yet
+    await store.apply([update(job, n, 1, "finished", started_at=T0, ended_at=T0)])
+    done = await store.finish([job])
+    assert done.jobs == [(job, "finished")] and [s for _, s in done.tasks] == ["finished"]
+    assert (await store.finish([job])).jobs == []  # once only
+    assert [r["label"] for r in await store.release_ready_tasks()] == ["isr"]
+
+
+async def test_failed_task_cancels_its_descendants(store: Store) -> None:
+    wf = await submit(store, EXAMPLES / "rubin-isr.yaml")
+    await store.release_ready_tasks()
+    [job] = await store.claim_jobs(window=10)
+    await store.mark_jobs_queued([job])
+    [n] = [r["number"] for r in await store.job_events(job)]
+    await store.apply([update(job, n, 1, "failed", started_at=T0, ended_at=T0, exit_code=1, error="x")])
+    done = await store.finish([job])
+    assert done.tasks and done.tasks[0][1] == "failed"
+    assert await store.release_ready_tasks() == []
+    st = await store.workflow_status(wf)
+    assert st is not None
+    assert {t["label"]: t["status"] for t in st["tasks"]} == {"pipeinit": "failed", "isr": "cancelled",
+                                                             "final": "cancelled"}
+    assert st["tasks"][1]["events"] == {"cancelled": 1000}
+    assert await store.finish_workflows([wf]) == [(wf, "failed")]
+
+
+async def test_release_window_bounds_the_jobs_with_queues(store: Store) -> None:
+    await submit(store, EXAMPLES / "rubin-isr.yaml")
+    await store.pool.execute("UPDATE tasks SET status = 'released'")
+    first = await store.claim_jobs(window=5)
+    assert len(first) == 5
+    assert await store.claim_jobs(window=5) == []  # window full
+    assert len(await store.claim_jobs(window=8)) == 3

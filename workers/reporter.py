@@ -1,0 +1,89 @@
+"""Status reports: collected, batched into one message, confirmed by RabbitMQ.
+
+``report`` returns once the batch holding the updates is confirmed in es.status, so a
+range is acked only after its statuses are safe. 'running' updates are sent without
+waiting; one that is overtaken before its batch leaves is folded into the final one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+import aiormq
+
+from dispatcher.broker import Broker
+from schemas.messages import JobLog, StatusBatch, StatusUpdate, encode
+
+log = logging.getLogger(__name__)
+
+
+class StatusReporter:
+    def __init__(self, broker: Broker, worker: str, *, max_batch: int = 500, linger: float = 0.02) -> None:
+        self.broker = broker
+        self.worker = worker
+        self.max_batch = max_batch
+        self.linger = linger
+        self._updates: dict[tuple[int, int, int], StatusUpdate] = {}
+        self._logs: list[JobLog] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._has_work = asyncio.Event()
+        self._full = asyncio.Event()
+
+    def _add(self, updates: Iterable[StatusUpdate]) -> None:
+        for u in updates:
+            key = (u.job_id, u.number, u.attempt)
+            old = self._updates.get(key)
+            if old is not None and u.started_at is None:
+                u = u.model_copy(update={"started_at": old.started_at})
+            self._updates[key] = u
+        self._has_work.set()
+        if len(self._updates) >= self.max_batch:
+            self._full.set()
+
+    def running(self, update: StatusUpdate) -> None:
+        self._add([update])
+
+    async def report(self, updates: Iterable[StatusUpdate] = (), logs: Iterable[JobLog] = ()) -> None:
+        self._logs.extend(logs)
+        self._add(updates)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(done)
+        await done
+
+    async def run(self) -> None:
+        while True:
+            await self._has_work.wait()
+            if len(self._updates) < self.max_batch:
+                try:
+                    await asyncio.wait_for(self._full.wait(), self.linger)
+                except TimeoutError:
+                    pass
+            await self.flush()
+
+    async def flush(self) -> None:
+        updates, self._updates = list(self._updates.values()), {}
+        logs, self._logs = self._logs, []
+        waiters, self._waiters = self._waiters, []
+        self._has_work.clear()
+        self._full.clear()
+        if not updates and not logs:
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+            return
+        body = encode(StatusBatch(worker=self.worker, updates=updates, logs=logs))
+        delay = 0.2
+        while True:
+            try:
+                await self.broker.publish(self.broker.names.status, body)
+                break
+            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError) as exc:
+                # never dropped: the robust connection comes back and we send again
+                log.warning("status publish failed; retrying", extra={"error": str(exc), "retry_in": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
