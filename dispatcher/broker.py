@@ -39,8 +39,10 @@ class JobQueue:
             return None
         try:
             return await self._queue.get(no_ack=False, fail=False)
-        except (aiormq.exceptions.ChannelNotFoundEntity, aiormq.exceptions.ChannelInvalidStateError):
-            return None  # the job finished and its queue was deleted
+        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError, RuntimeError):
+            # the job ended and its queue was deleted (RabbitMQ closes the channel for
+            # every slot getting from it), or the connection dropped: nothing to take now
+            return None
 
     async def close(self) -> None:
         if not self._channel.is_closed:

@@ -1,0 +1,142 @@
+"""The control plane in-process against the real RabbitMQ and Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+
+from dispatcher.broker import Broker
+from dispatcher.config import Settings
+from dispatcher.control import ControlPlane
+from dispatcher.store import Store
+from dispatcher.submit import submit
+from schemas.messages import EventRange, JobAnnouncement, StatusBatch, StatusUpdate, decode, encode
+from tests.conftest import EXAMPLES
+from tests.helpers import eventually
+from tests.test_store import snapshot
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+async def control(settings: Settings, store: Store, broker: Broker) -> AsyncIterator[ControlPlane]:
+    cp = ControlPlane(settings, store, broker)
+    stop = asyncio.Event()
+    task = asyncio.create_task(cp.run(stop))
+    yield cp
+    stop.set()
+    await asyncio.wait_for(task, 10)
+
+
+async def get_one(broker: Broker, queue: str) -> bytes | None:
+    jq = await broker.open_job(queue)
+    try:
+        msg = await jq.get()
+        if msg is None:
+            return None
+        await msg.ack()
+        return msg.body
+    finally:
+        await jq.close()
+
+
+async def wait_applied(control: ControlPlane, count: int) -> None:
+    async def check() -> bool:
+        return control.bookkeeper.applied >= count and not control.bookkeeper._pending
+
+    await eventually(check, what=f"{count} updates applied")
+
+
+async def test_submission_is_released_published_and_announced(control: ControlPlane, store: Store,
+                                                               broker: Broker) -> None:
+    wf = await submit(store, EXAMPLES / "rubin-isr.yaml")
+    ann_body = await eventually(lambda: get_one(broker, broker.names.jobs), what="an announcement")
+    ann = decode(ann_body, JobAnnouncement)
+    assert (ann.workflow_id, ann.label, ann.queue) == (wf, "pipeinit", broker.names.job(ann.job_id))
+    assert ann.payload.command and "{payload}" in ann.payload.command
+    rng = decode(await get_one(broker, ann.queue) or b"", EventRange)
+    assert [(e.number, e.payload, e.attempt) for e in rng.events] == [(0, "pipeinit_0", 1)]
+    assert await get_one(broker, ann.queue) is None  # one range only
+    assert await store.pool.fetchval("SELECT status FROM jobs WHERE id = $1", ann.job_id) == "queued"
+    # isr waits for pipeinit: nothing else was announced
+    assert await get_one(broker, broker.names.jobs) is None
+
+
+async def test_replayed_and_stale_status_messages_change_nothing(control: ControlPlane, store: Store,
+                                                                 broker: Broker) -> None:
+    await submit(store, EXAMPLES / "rubin-isr.yaml")
+    ann = decode(await eventually(lambda: get_one(broker, broker.names.jobs)), JobAnnouncement)
+    done = StatusBatch(worker="w", updates=[
+        StatusUpdate(job_id=ann.job_id, number=0, attempt=2, status="running", worker="w", started_at=T0),
+        StatusUpdate(job_id=ann.job_id, number=0, attempt=2, status="finished", worker="w", started_at=T0,
+                     ended_at=T0, exit_code=0),
+    ])
+    await broker.publish(broker.names.status, encode(done))
+    await wait_applied(control, 2)
+    # pipeinit finished -> isr released: its 28 jobs are announced
+    isr_jobs = await eventually(
+        lambda: store.pool.fetchval("SELECT count(*) FROM jobs j JOIN tasks t ON t.id = j.task_id "
+                                    "WHERE t.label = 'isr' AND j.status = 'queued'"), what="isr queued")
+    assert isr_jobs == 28
+    assert await broker.queue_depth(broker.names.job(ann.job_id)) is None  # finished job: queue deleted
+    before = await snapshot(store)
+    stale = StatusBatch(worker="w", updates=[
+        StatusUpdate(job_id=ann.job_id, number=0, attempt=1, status="failed", worker="w", started_at=T0,
+                     ended_at=T0, exit_code=1, error="old"),
+    ])
+    await broker.publish(broker.names.status, encode(done))
+    await broker.publish(broker.names.status, encode(done))
+    await broker.publish(broker.names.status, encode(stale))
+    await wait_applied(control, 7)
+    after = await snapshot(store)
+    assert [r for r in after if r not in before] == [(ann.job_id, 0, 1, "failed", "w", T0, T0, 1, "old")]
+    assert [r for r in before if r not in after] == []
+
+
+async def test_poison_status_message_is_dead_lettered_with_its_reason(control: ControlPlane, store: Store,
+                                                                      broker: Broker) -> None:
+    await broker.publish(broker.names.status, b'{"v": 7, "kind": "status"}')
+    await broker.publish(broker.names.status, b"\xff garbage")
+    ch = await broker.connection.channel()
+    dlq = await ch.get_queue(broker.names.dlq, ensure=False)
+    reasons = []
+    for _ in range(2):
+        msg = await eventually(lambda: dlq.get(fail=False), what="a dead letter")
+        reasons.append(msg.headers["x-reason"])
+        assert msg.headers["x-source-queue"] == broker.names.status
+        await msg.ack()
+    await ch.close()
+    assert "unsupported schema version 7" in reasons[0]
+    assert "undecodable" in reasons[1]
+    # the bookkeeper still works
+    wf = await submit(store, EXAMPLES / "rubin-isr.yaml")
+    ann = decode(await eventually(lambda: get_one(broker, broker.names.jobs)), JobAnnouncement)
+    await broker.publish(broker.names.status, encode(StatusBatch(worker="w", updates=[
+        StatusUpdate(job_id=ann.job_id, number=0, attempt=1, status="finished", worker="w", ended_at=T0)])))
+    await eventually(lambda: store.pool.fetchval(
+        "SELECT status = 'finished' FROM tasks WHERE workflow_id = $1 AND label = 'pipeinit'", wf))
+
+
+async def test_restarted_control_plane_announces_queued_jobs_again(settings: Settings, store: Store,
+                                                                   broker: Broker) -> None:
+    async def run_once() -> None:
+        cp = ControlPlane(settings, store, broker)
+        stop = asyncio.Event()
+        task = asyncio.create_task(cp.run(stop))
+        with contextlib.suppress(AssertionError):
+            await eventually(lambda: broker.queue_depth(broker.names.jobs), timeout=5)
+        stop.set()
+        await task
+
+    await submit(store, EXAMPLES / "rubin-isr.yaml")
+    await run_once()
+    assert await get_one(broker, broker.names.jobs) is not None  # the first announcement, taken
+    assert await get_one(broker, broker.names.jobs) is None
+    await run_once()  # e.g. after a crash: the queued job is announced again
+    ann = decode(await get_one(broker, broker.names.jobs) or b"", JobAnnouncement)
+    assert ann.label == "pipeinit"
+    assert await store.pool.fetchval("SELECT count(*) FROM jobs WHERE status = 'queued'") == 1
