@@ -57,13 +57,14 @@ class Broker:
         self.connection = connection
         self.names = names
         self._publisher: AbstractChannel | None = None
+        self._reopen = asyncio.Lock()
 
     @classmethod
     async def connect(cls, url: str, names: Names, *, client: str = "dispatcher") -> Broker:
         log.info("connecting to RabbitMQ", extra={"url": redact(url)})
         connection = await aio_pika.connect_robust(url, client_properties={"connection_name": client})
         broker = cls(connection, names)
-        broker._publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await broker._channel()
         return broker
 
     async def close(self) -> None:
@@ -75,8 +76,12 @@ class Broker:
             await ch.declare_queue(name, durable=True)
 
     async def _channel(self) -> AbstractChannel:
-        assert self._publisher is not None, "connect() first"
-        return self._publisher
+        """The publishing channel, opened again if RabbitMQ closed it (a channel error
+        such as a cancelled RPC closes it; the connection stays)."""
+        async with self._reopen:
+            if self._publisher is None or self._publisher.is_closed:
+                self._publisher = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+            return self._publisher
 
     # -- publishing -------------------------------------------------------------------
 

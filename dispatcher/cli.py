@@ -27,7 +27,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def connection_options(func: F) -> F:
     """Every command takes the connection flags; they override DISPATCHER_* variables."""
-    func = click.option("--queue-prefix", default=None, help="Prefix of every queue name [env DISPATCHER_QUEUE_PREFIX].")(func)
+    func = click.option(
+        "--queue-prefix", default=None, help="Prefix of every queue name [env DISPATCHER_QUEUE_PREFIX]."
+    )(func)
     func = click.option("--database-url", default=None, help="Postgres DSN [env DISPATCHER_DATABASE_URL].")(func)
     func = click.option("--amqp-url", default=None, help="RabbitMQ URL [env DISPATCHER_AMQP_URL].")(func)
     return func
@@ -73,8 +75,12 @@ def main(log_level: str) -> None:
 
 @main.command()
 @connection_options
-@click.option("--release-window", type=click.IntRange(min=1), default=None,
-              help="Jobs with a queue at one time [env DISPATCHER_RELEASE_WINDOW, default 1000].")
+@click.option(
+    "--release-window",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Jobs with a queue at one time [env DISPATCHER_RELEASE_WINDOW, default 1000].",
+)
 def start(release_window: int | None, **conn: Any) -> None:
     """Run the control plane: releaser, bookkeeper, finisher (stop with Ctrl-C/SIGTERM)."""
     from dispatcher.control import ControlPlane
@@ -96,8 +102,15 @@ def start(release_window: int | None, **conn: Any) -> None:
 @main.command()
 @connection_options
 @click.option("--slots", type=click.IntRange(min=1), default=1, show_default=True, help="Events run at once.")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None, help="Jobs' working directories [env DISPATCHER_WORK_DIR].")
-@click.option("--log-dir", type=click.Path(path_type=Path), default=None, help="Where job logs go [env DISPATCHER_LOG_DIR].")
+@click.option(
+    "--work-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Jobs' working directories [env DISPATCHER_WORK_DIR].",
+)
+@click.option(
+    "--log-dir", type=click.Path(path_type=Path), default=None, help="Where job logs go [env DISPATCHER_LOG_DIR]."
+)
 def worker(slots: int, work_dir: Path | None, log_dir: Path | None, **conn: Any) -> None:
     """Run a worker (the pilot): take jobs, run their events, report every status."""
     from dispatcher.broker import Broker
@@ -121,8 +134,12 @@ def worker(slots: int, work_dir: Path | None, log_dir: Path | None, **conn: Any)
 @main.command()
 @connection_options
 @click.argument("workflow", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--mapping", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Mapping file (label -> event number -> payload); overrides 'mapping:' in WORKFLOW.")
+@click.option(
+    "--mapping",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Mapping file (label -> event number -> payload); overrides 'mapping:' in WORKFLOW.",
+)
 @click.option("--wait", is_flag=True, help="Show progress; exit 0 only if every event finished.")
 def submit(workflow: Path, mapping: Path | None, wait: bool, **conn: Any) -> None:
     """Submit WORKFLOW.yaml; prints the workflow id."""
@@ -188,7 +205,9 @@ def status(workflow_id: int | None, as_json: bool, **conn: Any) -> None:
                 if as_json:
                     click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
                 for r in [] if as_json else rows:
-                    click.echo(f"{r['id']:>6}  {r['status']:<9} {r['n_events']:>9} events  {r['submitted_at']}  {r['name']}")
+                    click.echo(
+                        f"{r['id']:>6}  {r['status']:<9} {r['n_events']:>9} events  {r['submitted_at']}  {r['name']}"
+                    )
                 return 0
             st = await store.workflow_status(workflow_id)
             if st is None:
@@ -220,7 +239,9 @@ def upgrade(**conn: Any) -> None:
             version = await store.schema_version()
         finally:
             await store.close()
-        click.echo(f"schema at version {version} ({len(applied)} migration(s) applied) on {redact(settings.database_url)}")
+        click.echo(
+            f"schema at version {version} ({len(applied)} migration(s) applied) on {redact(settings.database_url)}"
+        )
         return 0
 
     run_async(go())

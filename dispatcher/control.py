@@ -59,7 +59,7 @@ class ControlPlane:
     async def run(self, stop: asyncio.Event) -> None:
         await self.recover()
         await self.bookkeeper.start()
-        tasks = [
+        tasks: list[asyncio.Task[object]] = [
             asyncio.create_task(self.releaser.run(), name="releaser"),
             asyncio.create_task(self.bookkeeper.run(), name="bookkeeper"),
             asyncio.create_task(self._listen(), name="listener"),
@@ -68,13 +68,16 @@ class ControlPlane:
         log.info("control plane running", extra={"prefix": self.settings.names.prefix or "-"})
         waiter = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        # stop taking status messages, apply what was taken, then stop the rest
+        # stop taking status messages, apply what was taken, then stop the rest; a
+        # release in progress is let finish (cancelling it mid-publish would leave the
+        # job half-published until the next start reclaims it)
         await self.bookkeeper.stop()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        async with self.releaser.busy:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.bookkeeper.flush()
         for task in done:
             if task is not waiter and task.exception():
@@ -94,7 +97,7 @@ class ControlPlane:
                 continue
             delay = 0.5
             lost = asyncio.Event()
-            conn.add_termination_listener(lambda _c: lost.set())
+            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
             try:
                 await conn.add_listener("dispatcher_submitted", lambda *_: self.releaser.wake())
                 self.releaser.wake()  # a submission may have arrived while not listening

@@ -13,7 +13,9 @@ class KeyValueFormatter(logging.Formatter):
         line = super().format(record)
         extra = {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
         if extra:
-            line += " " + " ".join(f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}" for k, v in extra.items())
+            line += " " + " ".join(
+                f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}" for k, v in extra.items()
+            )
         return line
 
 

@@ -38,6 +38,8 @@ class Releaser:
         self.broker = broker
         self.window = window
         self._wake = asyncio.Event()
+        # held while publishing: stopping waits for it, so no publish is cut in half
+        self.busy = asyncio.Lock()
 
     def wake(self) -> None:
         self._wake.set()
@@ -50,6 +52,10 @@ class Releaser:
 
     async def release_once(self) -> int:
         """Release what may run now; returns the number of jobs published."""
+        async with self.busy:
+            return await self._release()
+
+    async def _release(self) -> int:
         for task in await self.store.release_ready_tasks():
             log.info("task released", extra={"workflow": task["workflow_id"], "task": task["label"]})
         published = 0
@@ -60,12 +66,13 @@ class Releaser:
 
     async def reclaim(self, older_than: float) -> None:
         """Publish again jobs a dead control plane left half-published."""
-        job_ids = await self.store.reclaim_stale_releasing(older_than)
-        if job_ids:
-            log.warning("republishing jobs left half-released", extra={"jobs": len(job_ids)})
-            for job_id in job_ids:
-                await self.broker.delete_queue(self.broker.names.job(job_id))
-            await self.publish_jobs(job_ids)
+        async with self.busy:
+            job_ids = await self.store.reclaim_stale_releasing(older_than)
+            if job_ids:
+                log.warning("republishing jobs left half-released", extra={"jobs": len(job_ids)})
+                for job_id in job_ids:
+                    await self.broker.delete_queue(self.broker.names.job(job_id))
+                await self.publish_jobs(job_ids)
 
     async def publish_jobs(self, job_ids: Sequence[int]) -> None:
         jobs = await self.store.jobs_to_publish(job_ids)
@@ -82,9 +89,7 @@ class Releaser:
 
     async def announce(self, jobs: Sequence[JobToPublish]) -> None:
         names = self.broker.names
-        await self.broker.publish_many(
-            (names.jobs, encode(announcement(job, names.job(job.id)))) for job in jobs
-        )
+        await self.broker.publish_many((names.jobs, encode(announcement(job, names.job(job.id)))) for job in jobs)
 
     async def _publish_ranges(self, job: JobToPublish) -> None:
         queue = self.broker.names.job(job.id)
@@ -93,7 +98,10 @@ class Releaser:
         size = job.events_per_range
         messages = []
         for start in range(0, len(rows), size):
-            events = [EventSpec(number=r["number"], payload=r["payload"], attempt=r["attempt"]) for r in rows[start : start + size]]
+            events = [
+                EventSpec(number=r["number"], payload=r["payload"], attempt=r["attempt"])
+                for r in rows[start : start + size]
+            ]
             messages.append((queue, encode(EventRange(workflow_id=job.workflow_id, job_id=job.id, events=events))))
         await self.broker.publish_many(messages)
         log.debug("job published", extra={"job": job.id, "events": len(rows), "ranges": len(messages)})

@@ -159,7 +159,9 @@ class Store:
                 await conn.execute(q("cancel_task_work"), [r["id"] for r in rows])
                 cancelled += rows
             for r in cancelled:
-                log.info("task cancelled: a parent did not finish", extra={"task": r["label"], "workflow": r["workflow_id"]})
+                log.info(
+                    "task cancelled: a parent did not finish", extra={"task": r["label"], "workflow": r["workflow_id"]}
+                )
             released: list[asyncpg.Record] = await conn.fetch(q("release_ready_tasks"))
             return released
 

@@ -8,6 +8,7 @@ into one ``LabelPlan`` per label with BPS's job-size rule applied.
 from __future__ import annotations
 
 import logging
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,13 @@ class LabelConfig(BaseModel):
     def _one_payload_kind(self) -> LabelConfig:
         if (self.payloadCommand is None) == (self.payloadFunction is None):
             raise ValueError("set exactly one of payloadCommand and payloadFunction")
+        if self.payloadCommand is not None and not self.payloadShell:
+            try:  # the worker splits it into argv: find a bad template now, not per event
+                shlex.split(self.payloadCommand)
+            except ValueError as exc:
+                raise ValueError(
+                    f"payloadCommand cannot be split into arguments ({exc}): {self.payloadCommand!r}"
+                ) from None
         return self
 
 
@@ -99,6 +107,7 @@ class Submission(BaseModel):
                 if parent not in self.pipetask:
                     raise ValueError(f"pipetask.{label}.dependsOn names unknown label {parent!r}")
         self.topological_order()  # raises on a cycle
+        self.es_caps()  # raises on a bad label:N cap
         return self
 
     def es_caps(self) -> dict[str, int | None]:
@@ -128,11 +137,11 @@ class Submission(BaseModel):
             if state.get(label) == 2:
                 return
             if state.get(label) == 1:
-                cycle = path[path.index(label) :] + [label]
+                cycle = [*path[path.index(label) :], label]
                 raise ValueError("dependency cycle: " + " -> ".join(cycle))
             state[label] = 1
             for parent in self.pipetask[label].dependsOn:
-                visit(parent, path + [label])
+                visit(parent, [*path, label])
             state[label] = 2
             order.append(label)
 
@@ -195,7 +204,9 @@ def plan(sub: Submission) -> list[LabelPlan]:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SubmissionError(f"{path} is not UTF-8 text: {exc}") from None
     except FileNotFoundError:
         raise SubmissionError(f"submission file not found: {path}") from None
     except OSError as exc:
@@ -232,7 +243,7 @@ def _load_with_includes(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, An
         raise SubmissionError(f"{path}: includeConfigs must be a path or a list of paths")
     merged: dict[str, Any] = {}
     for inc in includes:
-        merged = _merge(merged, _load_with_includes(path.parent / str(inc), seen + (path,)))
+        merged = _merge(merged, _load_with_includes(path.parent / str(inc), (*seen, path)))
     # a mapping path is relative to the file that names it
     if isinstance(data.get("mapping"), str):
         data["mapping"] = str(path.parent / data["mapping"])

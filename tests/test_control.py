@@ -51,8 +51,9 @@ async def wait_applied(control: ControlPlane, count: int) -> None:
     await eventually(check, what=f"{count} updates applied")
 
 
-async def test_submission_is_released_published_and_announced(control: ControlPlane, store: Store,
-                                                               broker: Broker) -> None:
+async def test_submission_is_released_published_and_announced(
+    control: ControlPlane, store: Store, broker: Broker
+) -> None:
     wf = await submit(store, EXAMPLES / "rubin-isr.yaml")
     ann_body = await eventually(lambda: get_one(broker, broker.names.jobs), what="an announcement")
     ann = decode(ann_body, JobAnnouncement)
@@ -66,28 +67,55 @@ async def test_submission_is_released_published_and_announced(control: ControlPl
     assert await get_one(broker, broker.names.jobs) is None
 
 
-async def test_replayed_and_stale_status_messages_change_nothing(control: ControlPlane, store: Store,
-                                                                 broker: Broker) -> None:
+async def test_replayed_and_stale_status_messages_change_nothing(
+    control: ControlPlane, store: Store, broker: Broker
+) -> None:
     await submit(store, EXAMPLES / "rubin-isr.yaml")
     ann = decode(await eventually(lambda: get_one(broker, broker.names.jobs)), JobAnnouncement)
-    done = StatusBatch(worker="w", updates=[
-        StatusUpdate(job_id=ann.job_id, number=0, attempt=2, status="running", worker="w", started_at=T0),
-        StatusUpdate(job_id=ann.job_id, number=0, attempt=2, status="finished", worker="w", started_at=T0,
-                     ended_at=T0, exit_code=0),
-    ])
+    done = StatusBatch(
+        worker="w",
+        updates=[
+            StatusUpdate(job_id=ann.job_id, number=0, attempt=2, status="running", worker="w", started_at=T0),
+            StatusUpdate(
+                job_id=ann.job_id,
+                number=0,
+                attempt=2,
+                status="finished",
+                worker="w",
+                started_at=T0,
+                ended_at=T0,
+                exit_code=0,
+            ),
+        ],
+    )
     await broker.publish(broker.names.status, encode(done))
     await wait_applied(control, 2)
     # pipeinit finished -> isr released: its 28 jobs are announced
     isr_jobs = await eventually(
-        lambda: store.pool.fetchval("SELECT count(*) FROM jobs j JOIN tasks t ON t.id = j.task_id "
-                                    "WHERE t.label = 'isr' AND j.status = 'queued'"), what="isr queued")
+        lambda: store.pool.fetchval(
+            "SELECT count(*) FROM jobs j JOIN tasks t ON t.id = j.task_id WHERE t.label = 'isr' AND j.status = 'queued'"
+        ),
+        what="isr queued",
+    )
     assert isr_jobs == 28
     assert await broker.queue_depth(broker.names.job(ann.job_id)) is None  # finished job: queue deleted
     before = await snapshot(store)
-    stale = StatusBatch(worker="w", updates=[
-        StatusUpdate(job_id=ann.job_id, number=0, attempt=1, status="failed", worker="w", started_at=T0,
-                     ended_at=T0, exit_code=1, error="old"),
-    ])
+    stale = StatusBatch(
+        worker="w",
+        updates=[
+            StatusUpdate(
+                job_id=ann.job_id,
+                number=0,
+                attempt=1,
+                status="failed",
+                worker="w",
+                started_at=T0,
+                ended_at=T0,
+                exit_code=1,
+                error="old",
+            ),
+        ],
+    )
     await broker.publish(broker.names.status, encode(done))
     await broker.publish(broker.names.status, encode(done))
     await broker.publish(broker.names.status, encode(stale))
@@ -97,8 +125,9 @@ async def test_replayed_and_stale_status_messages_change_nothing(control: Contro
     assert [r for r in before if r not in after] == []
 
 
-async def test_poison_status_message_is_dead_lettered_with_its_reason(control: ControlPlane, store: Store,
-                                                                      broker: Broker) -> None:
+async def test_poison_status_message_is_dead_lettered_with_its_reason(
+    control: ControlPlane, store: Store, broker: Broker
+) -> None:
     await broker.publish(broker.names.status, b'{"v": 7, "kind": "status"}')
     await broker.publish(broker.names.status, b"\xff garbage")
     ch = await broker.connection.channel()
@@ -115,14 +144,27 @@ async def test_poison_status_message_is_dead_lettered_with_its_reason(control: C
     # the bookkeeper still works
     wf = await submit(store, EXAMPLES / "rubin-isr.yaml")
     ann = decode(await eventually(lambda: get_one(broker, broker.names.jobs)), JobAnnouncement)
-    await broker.publish(broker.names.status, encode(StatusBatch(worker="w", updates=[
-        StatusUpdate(job_id=ann.job_id, number=0, attempt=1, status="finished", worker="w", ended_at=T0)])))
-    await eventually(lambda: store.pool.fetchval(
-        "SELECT status = 'finished' FROM tasks WHERE workflow_id = $1 AND label = 'pipeinit'", wf))
+    await broker.publish(
+        broker.names.status,
+        encode(
+            StatusBatch(
+                worker="w",
+                updates=[
+                    StatusUpdate(job_id=ann.job_id, number=0, attempt=1, status="finished", worker="w", ended_at=T0)
+                ],
+            )
+        ),
+    )
+    await eventually(
+        lambda: store.pool.fetchval(
+            "SELECT status = 'finished' FROM tasks WHERE workflow_id = $1 AND label = 'pipeinit'", wf
+        )
+    )
 
 
-async def test_restarted_control_plane_announces_queued_jobs_again(settings: Settings, store: Store,
-                                                                   broker: Broker) -> None:
+async def test_restarted_control_plane_announces_queued_jobs_again(
+    settings: Settings, store: Store, broker: Broker
+) -> None:
     async def run_once() -> None:
         cp = ControlPlane(settings, store, broker)
         stop = asyncio.Event()

@@ -58,12 +58,19 @@ def processes(settings: Settings, tmp_path: Path) -> Iterator[list[subprocess.Po
             p.wait()
 
 
-async def test_rubin_workflow_end_to_end(settings: Settings, broker: Broker,
-                                         processes: list[subprocess.Popen[bytes]], tmp_path: Path) -> None:
+async def test_rubin_workflow_end_to_end(
+    settings: Settings, broker: Broker, processes: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
     env = cli_env(settings)
     submit = await asyncio.create_subprocess_exec(
-        str(BIN / "dispatcher"), "submit", str(EXAMPLES / "rubin-isr.yaml"), "--wait",
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        str(BIN / "dispatcher"),
+        "submit",
+        str(EXAMPLES / "rubin-isr.yaml"),
+        "--wait",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         out, err = await asyncio.wait_for(submit.communicate(), 240)
     except TimeoutError:
@@ -82,13 +89,21 @@ async def test_rubin_workflow_end_to_end(settings: Settings, broker: Broker,
         counts = dict(await conn.fetch("SELECT status, count(*) FROM events GROUP BY status"))
         assert counts == {"finished": 1002}
         # isr: jobs of 36 (int(21600 / 600)), the last holds the rest
-        sizes = [r["n_events"] for r in await conn.fetch(
-            "SELECT j.n_events FROM jobs j JOIN tasks t ON t.id = j.task_id WHERE t.label = 'isr' ORDER BY j.seq")]
+        sizes = [
+            r["n_events"]
+            for r in await conn.fetch(
+                "SELECT j.n_events FROM jobs j JOIN tasks t ON t.id = j.task_id WHERE t.label = 'isr' ORDER BY j.seq"
+            )
+        ]
         assert sizes == [36] * 27 + [28]
         # final starts only after every isr event finished; isr only after pipeinit
-        bounds = {r["label"]: (r["first"], r["last"]) for r in await conn.fetch(
-            "SELECT t.label, min(e.started_at) AS first, max(e.ended_at) AS last "
-            "FROM events e JOIN tasks t ON t.id = e.task_id GROUP BY t.label")}
+        bounds = {
+            r["label"]: (r["first"], r["last"])
+            for r in await conn.fetch(
+                "SELECT t.label, min(e.started_at) AS first, max(e.ended_at) AS last "
+                "FROM events e JOIN tasks t ON t.id = e.task_id GROUP BY t.label"
+            )
+        }
         assert bounds["final"][0] >= bounds["isr"][1]
         assert bounds["isr"][0] >= bounds["pipeinit"][1]
         # both workers took part, every event ran exactly once
@@ -116,9 +131,12 @@ async def test_rubin_workflow_end_to_end(settings: Settings, broker: Broker,
     assert await broker.queue_depth(broker.names.status) == 0
 
     # dispatcher status --json agrees
-    status = subprocess.run([str(BIN / "dispatcher"), "status", str(wf), "--json"], env=env,
-                            capture_output=True, check=True)
+    status = subprocess.run(
+        [str(BIN / "dispatcher"), "status", str(wf), "--json"], env=env, capture_output=True, check=True
+    )
     data = orjson.loads(status.stdout)
     assert [(t["label"], t["status"], t["events"]) for t in data["tasks"]] == [
-        ("pipeinit", "finished", {"finished": 1}), ("isr", "finished", {"finished": 1000}),
-        ("final", "finished", {"finished": 1})]
+        ("pipeinit", "finished", {"finished": 1}),
+        ("isr", "finished", {"finished": 1000}),
+        ("final", "finished", {"finished": 1}),
+    ]

@@ -27,11 +27,18 @@ def test_range_round_trip() -> None:
 
 
 def test_announcement_and_status_round_trip() -> None:
-    ann = JobAnnouncement(workflow_id=1, task_id=2, job_id=3, label="isr", queue="es.job.3",
-                          payload=PayloadSpec(command="echo {payload}", timeout=5))
+    ann = JobAnnouncement(
+        workflow_id=1,
+        task_id=2,
+        job_id=3,
+        label="isr",
+        queue="es.job.3",
+        payload=PayloadSpec(command="echo {payload}", timeout=5),
+    )
     assert decode(encode(ann), JobAnnouncement) == ann
-    batch = StatusBatch(worker="w", updates=[StatusUpdate(job_id=3, number=1, attempt=1, status="finished",
-                                                          worker="w", exit_code=0)])
+    batch = StatusBatch(
+        worker="w", updates=[StatusUpdate(job_id=3, number=1, attempt=1, status="finished", worker="w", exit_code=0)]
+    )
     assert decode(encode(batch), StatusBatch) == batch
 
 
@@ -41,11 +48,15 @@ def test_announcement_and_status_round_trip() -> None:
         (b"\x00not json", "undecodable"),
         (b"[1, 2]", "not a JSON object"),
         (b'{"v": 99, "kind": "range"}', "unsupported schema version 99"),
-        (b'{"kind": "range", "workflow_id": 1, "job_id": 1, "events": [{"number": 1, "payload": "x"}]}',
-         "unsupported schema version None"),
+        (
+            b'{"kind": "range", "workflow_id": 1, "job_id": 1, "events": [{"number": 1, "payload": "x"}]}',
+            "unsupported schema version None",
+        ),
         (b'{"v": 1, "kind": "range", "workflow_id": 1, "job_id": 1, "events": []}', "events"),
-        (b'{"v": 1, "kind": "range", "workflow_id": 1, "job_id": 1, "events": [{"number": "x", "payload": "p"}]}',
-         "events.0.number"),
+        (
+            b'{"v": 1, "kind": "range", "workflow_id": 1, "job_id": 1, "events": [{"number": "x", "payload": "p"}]}',
+            "events.0.number",
+        ),
         (b'{"v": 1, "kind": "status", "worker": "w", "updates": [], "evil": 1}', "evil"),
     ],
 )

@@ -32,11 +32,15 @@ async def test_rubin_example_is_split_into_jobs_of_36(store: Store) -> None:
     st = await store.workflow_status(wf)
     assert st is not None and st["n_events"] == 1002
     assert [(t["label"], t["status"], t["n_jobs"]) for t in st["tasks"]] == [
-        ("pipeinit", "waiting", 1), ("isr", "waiting", 28), ("final", "waiting", 1)]
+        ("pipeinit", "waiting", 1),
+        ("isr", "waiting", 28),
+        ("final", "waiting", 1),
+    ]
     # each job covers consecutive sorted numbers and records its walltime (600 s x payloads)
     row = await store.pool.fetchrow(
         "SELECT first_number, last_number, walltime FROM jobs j JOIN tasks t ON t.id = j.task_id "
-        "WHERE t.label = 'isr' AND j.seq = 1")
+        "WHERE t.label = 'isr' AND j.seq = 1"
+    )
     assert (row["first_number"], row["last_number"], row["walltime"]) == (36, 71, 600.0 * 36)
 
 
@@ -52,12 +56,21 @@ async def test_without_request_walltime_jobs_hold_10(store: Store, tmp_path: Pat
 async def test_gaps_in_event_numbers_are_split_over_sorted_numbers(store: Store, tmp_path: Path) -> None:
     numbers = [100, 3, 7, 50, 51, 2, 9999]
     (tmp_path / "m.json").write_text(json.dumps({"t": {str(n): f"p{n}" for n in numbers}}))
-    (tmp_path / "wf.yaml").write_text(yaml.safe_dump({
-        "mapping": "m.json", "enableEventService": "t", "maxEventsPerJob": 3,
-        "pipetask": {"t": {"payloadCommand": "echo {payload}"}}}))
+    (tmp_path / "wf.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "mapping": "m.json",
+                "enableEventService": "t",
+                "maxEventsPerJob": 3,
+                "pipetask": {"t": {"payloadCommand": "echo {payload}"}},
+            }
+        )
+    )
     await submit(store, tmp_path / "wf.yaml")
-    rows = await store.pool.fetch("SELECT j.seq, array_agg(e.number ORDER BY e.number) AS numbers "
-                                  "FROM events e JOIN jobs j ON j.id = e.job_id GROUP BY j.seq ORDER BY j.seq")
+    rows = await store.pool.fetch(
+        "SELECT j.seq, array_agg(e.number ORDER BY e.number) AS numbers "
+        "FROM events e JOIN jobs j ON j.id = e.job_id GROUP BY j.seq ORDER BY j.seq"
+    )
     assert [list(r["numbers"]) for r in rows] == [[2, 3, 7], [50, 51, 100], [9999]]
 
 
@@ -117,8 +130,9 @@ async def test_applying_the_same_batch_twice_changes_nothing(store: Store) -> No
     await store.apply(batch)
     await store.apply(list(reversed(batch)))
     assert await snapshot(store) == first
-    row = await store.pool.fetchrow("SELECT status, started_at, exit_code FROM events WHERE job_id=$1 AND number=$2",
-                                    job, n)
+    row = await store.pool.fetchrow(
+        "SELECT status, started_at, exit_code FROM events WHERE job_id=$1 AND number=$2", job, n
+    )
     assert (row["status"], row["started_at"], row["exit_code"]) == ("finished", T0, 0)
 
 
@@ -130,8 +144,7 @@ async def test_older_attempt_after_newer_changes_nothing(store: Store) -> None:
     await store.apply([update(job, n, 1, "failed", started_at=T0, ended_at=T0, exit_code=1)])
     after = await snapshot(store)
     # the older attempt is history (it did run), never the event's state
-    assert [r for r in after if r not in before] == [
-        (job, n, 1, "failed", "w1", T0, T0, 1, None)]
+    assert [r for r in after if r not in before] == [(job, n, 1, "failed", "w1", T0, T0, 1, None)]
     assert await store.pool.fetchval("SELECT status FROM events WHERE job_id=$1 AND number=$2", job, n) == "finished"
 
 
@@ -170,8 +183,11 @@ async def test_failed_task_cancels_its_descendants(store: Store) -> None:
     assert await store.release_ready_tasks() == []
     st = await store.workflow_status(wf)
     assert st is not None
-    assert {t["label"]: t["status"] for t in st["tasks"]} == {"pipeinit": "failed", "isr": "cancelled",
-                                                             "final": "cancelled"}
+    assert {t["label"]: t["status"] for t in st["tasks"]} == {
+        "pipeinit": "failed",
+        "isr": "cancelled",
+        "final": "cancelled",
+    }
     assert st["tasks"][1]["events"] == {"cancelled": 1000}
     assert await store.finish_workflows([wf]) == [(wf, "failed")]
 

@@ -100,21 +100,27 @@ def test_per_label_retries_override_the_workflow(tmp_path: Path) -> None:
 
 
 def test_order_puts_parents_first(tmp_path: Path) -> None:
-    data = {"mapping": "m.json", "pipetask": {
-        "z": {"payloadCommand": "echo {payload}", "dependsOn": "y"},
-        "y": {"payloadCommand": "echo {payload}", "dependsOn": "x"},
-        "x": {"payloadCommand": "echo {payload}"},
-    }}
+    data = {
+        "mapping": "m.json",
+        "pipetask": {
+            "z": {"payloadCommand": "echo {payload}", "dependsOn": "y"},
+            "y": {"payloadCommand": "echo {payload}", "dependsOn": "x"},
+            "x": {"payloadCommand": "echo {payload}"},
+        },
+    }
     sub, _ = load_submission(write(tmp_path, data))
     assert [p.label for p in plan(sub)] == ["x", "y", "z"]
 
 
 def test_cycle_is_named(tmp_path: Path) -> None:
-    data = {"mapping": "m.json", "pipetask": {
-        "a": {"payloadCommand": "echo {payload}", "dependsOn": "c"},
-        "b": {"payloadCommand": "echo {payload}", "dependsOn": "a"},
-        "c": {"payloadCommand": "echo {payload}", "dependsOn": "b"},
-    }}
+    data = {
+        "mapping": "m.json",
+        "pipetask": {
+            "a": {"payloadCommand": "echo {payload}", "dependsOn": "c"},
+            "b": {"payloadCommand": "echo {payload}", "dependsOn": "a"},
+            "c": {"payloadCommand": "echo {payload}", "dependsOn": "b"},
+        },
+    }
     with pytest.raises(SubmissionError, match=r"dependency cycle: a -> c -> b -> a"):
         load_submission(write(tmp_path, data))
 

@@ -57,7 +57,6 @@ class Case:
     no_mapping_file: bool = False
     submit_path: str | None = None  # submit this path (relative to tmp_path) instead
     expect: tuple[str, ...] = ()
-    bug: str | None = None  # a known product bug: the case is a strict xfail until it is fixed
 
 
 def _set(*keys: str, value: Any) -> Callable[[dict[str, Any]], None]:
@@ -173,40 +172,32 @@ CASES: dict[str, Case] = {
         submit_path="no-such-workflow.yaml",
         expect=("submission file not found", "no-such-workflow.yaml"),
     ),
-    # -- known product bugs (see each reason); these are strict xfails -----------------------
+    # -- found by review, fixed since -----------------------------------------------------------
     "enableEventService-cap-not-integer": Case(
         workflow=_set("enableEventService", value="isr:abc"),
         expect=("enableEventService", "abc"),
-        bug="Submission.es_caps raises a bare ValueError from plan(): traceback, exit 1",
     ),
     "event-number-beyond-bigint": Case(
         mapping=_set("isr", "99999999999999999999", value="isr_huge"),
         expect=("99999999999999999999",),
-        bug="mapping accepts any digit string; COPY into bigint raises OverflowError: traceback, exit 1",
     ),
     "payload-with-nul-character": Case(
         mapping=_set("isr", "3", value="isr_\u0000_3"),
         expect=("isr",),
-        bug="a NUL in a payload reaches Postgres text: CharacterNotInRepertoireError, exit 1, label not named",
     ),
     "submission-not-utf8": Case(
         workflow_text=b"name: caf\xe9\npipetask: {}\n",
         expect=("workflow.yaml",),
-        bug="_read_yaml does not catch UnicodeDecodeError (a ValueError, not OSError): traceback, exit 1",
     ),
     "payloadCommand-shlex-cannot-split": Case(
         workflow=_set("pipetask", "final", "payloadCommand", value='echo "{payload}'),
         expect=("payloadCommand", "final"),
-        bug="an unbalanced quote is accepted (exit 0, rows written); CommandRunner then fails at worker set-up",
     ),
 }
 
 
 def _params() -> list[Any]:
-    return [
-        pytest.param(case, id=name, marks=[pytest.mark.xfail(strict=True, reason=case.bug)] if case.bug else [])
-        for name, case in CASES.items()
-    ]
+    return [pytest.param(case, id=name) for name, case in CASES.items()]
 
 
 def write_case(tmp_path: Path, case: Case) -> Path:

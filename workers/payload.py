@@ -70,8 +70,12 @@ class CommandRunner:
         with output.open("wb") as out:
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
-                    cwd=cwd, start_new_session=True,  # its own process group: a timeout kills all of it
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                    cwd=cwd,
+                    start_new_session=True,  # its own process group: a timeout kills all of it
                 )
             except OSError as exc:
                 return Outcome("failed", started, now(), None, f"cannot start {argv[0]!r}: {exc.strerror}")

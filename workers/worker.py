@@ -203,23 +203,47 @@ class Worker:
             await message.ack()
             return
         # a range redelivered after a worker died counts as a new attempt of its events
-        redeliveries = int((message.headers or {}).get("x-delivery-count", 0) or 0)
+        count = (message.headers or {}).get("x-delivery-count", 0)
+        redeliveries = count if isinstance(count, int) else 0
         finals = []
         for event in rng.events:
             attempt = event.attempt + redeliveries
             started = now()
             self.reporter.running(
-                StatusUpdate(job_id=job.spec.job_id, number=event.number, attempt=attempt,
-                             status="running", worker=self.id, started_at=started)
+                StatusUpdate(
+                    job_id=job.spec.job_id,
+                    number=event.number,
+                    attempt=attempt,
+                    status="running",
+                    worker=self.id,
+                    started_at=started,
+                )
             )
             output = job.work_dir / f"event-{event.number}.out"
             outcome = await job.runner.run(event.payload, output, job.work_dir)
-            await self._log_event(job, event.number, event.payload, attempt, output, outcome.status,
-                                  outcome.exit_code, outcome.error, outcome.ended_at - outcome.started_at)
+            await self._log_event(
+                job,
+                event.number,
+                event.payload,
+                attempt,
+                output,
+                outcome.status,
+                outcome.exit_code,
+                outcome.error,
+                outcome.ended_at - outcome.started_at,
+            )
             finals.append(
-                StatusUpdate(job_id=job.spec.job_id, number=event.number, attempt=attempt, status=outcome.status,
-                             worker=self.id, started_at=outcome.started_at, ended_at=outcome.ended_at,
-                             exit_code=outcome.exit_code, error=outcome.error)
+                StatusUpdate(
+                    job_id=job.spec.job_id,
+                    number=event.number,
+                    attempt=attempt,
+                    status=outcome.status,
+                    worker=self.id,
+                    started_at=outcome.started_at,
+                    ended_at=outcome.ended_at,
+                    exit_code=outcome.exit_code,
+                    error=outcome.error,
+                )
             )
         await self.reporter.report(finals)  # confirmed in es.status before the range is acked
         with contextlib.suppress(Exception):  # a job deleted meanwhile: nothing left to ack
@@ -227,11 +251,22 @@ class Worker:
         job.events_done += len(finals)
         self.events_done += len(finals)
 
-    async def _log_event(self, job: Job, number: int, payload: str, attempt: int, output: Path,
-                         status: str, exit_code: int | None, error: str | None, took: object) -> None:
+    async def _log_event(
+        self,
+        job: Job,
+        number: int,
+        payload: str,
+        attempt: int,
+        output: Path,
+        status: str,
+        exit_code: int | None,
+        error: str | None,
+        took: object,
+    ) -> None:
         header = f"=== event {number} attempt {attempt} payload {payload!r} worker {self.id}\n"
         footer = f"=== event {number} {status} exit_code={exit_code} duration={took}" + (
-            f" error={error.splitlines()[0][:200]!r}\n" if error else "\n")
+            f" error={error.splitlines()[0][:200]!r}\n" if error else "\n"
+        )
         async with job.lock:
             with job.segment.open("ab") as seg:
                 seg.write(header.encode())

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test suite against the real RabbitMQ and Postgres, plus lint and type checks.
+set -euo pipefail
+EXTRAS=test source "$(dirname "$0")/setup.sh"
+cd "$ROOT"
+
+say "ruff"
+ruff check .
+say "mypy"
+mypy
+say "pytest"
+pytest "$@"
