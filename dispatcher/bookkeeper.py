@@ -10,18 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
 from dispatcher.broker import Broker
 from dispatcher.finisher import Finisher
+from dispatcher.retry import patiently
 from dispatcher.store import Store
-from schemas.messages import JobLog, MessageError, StatusBatch, StatusUpdate, decode
+from schemas.messages import MessageError, StatusBatch, decode
 
 log = logging.getLogger(__name__)
-
-# errors after which the same batch is tried again once Postgres is back
-RETRYABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
 
 
 class Bookkeeper:
@@ -75,21 +72,19 @@ class Bookkeeper:
             return set()
         updates = [u for _, b in taken for u in b.updates]
         logs = [lg for _, b in taken for lg in b.logs]
-        moved = await self._apply(updates, logs)
-        for message, _ in taken:
+        beats = [(b.worker, b.heartbeat) for _, b in taken if b.heartbeat is not None]
+        # unacked until committed: a database outage only makes us wait
+        moved = await patiently(lambda: self.store.apply(updates, logs, beats), what="bookkeeping")
+        unknown = await patiently(lambda: self.store.unknown_events(updates), what="bookkeeping") if updates else set()
+        for message, batch in taken:
+            bad = [u for u in batch.updates if (u.job_id, u.number) in unknown]
+            if bad:  # poison: an update for no event we know; the rest of it was applied
+                reason = f"status for unknown event(s): job {bad[0].job_id} event {bad[0].number}"
+                await self.broker.dead_letter(message.body, reason, source=self.broker.names.status)
             await message.ack()
         self.applied += len(updates)
         # not only the jobs this batch moved: a duplicate may be all that is left of a
         # batch whose finish check was lost in a crash
-        await self.finisher.check({u.job_id for u in updates if u.status in ("finished", "failed")})
+        ended = {u.job_id for u in updates if u.status in ("finished", "failed")}
+        await patiently(lambda: self.finisher.check(ended), what="finishing")
         return moved
-
-    async def _apply(self, updates: list[StatusUpdate], logs: list[JobLog]) -> set[int]:
-        delay = 0.5
-        while True:
-            try:
-                return await self.store.apply(updates, logs)
-            except RETRYABLE as exc:
-                log.warning("bookkeeping paused: database unavailable", extra={"error": str(exc), "retry_in": delay})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)

@@ -21,9 +21,46 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
-# Per-job queues are quorum queues: they count deliveries (x-delivery-count), so a
-# range that keeps killing workers can be recognised, and they survive a broker restart.
-JOB_QUEUE_ARGS: dict[str, Any] = {"x-queue-type": "quorum"}
+# Per-job queues are quorum queues: they count deliveries (x-delivery-count), so a range
+# that keeps killing workers is recognised (the worker gives up on it after
+# MAX_REDELIVERIES; RabbitMQ dead-letters it at DELIVERY_LIMIT should that not happen).
+MAX_REDELIVERIES = 3
+DELIVERY_LIMIT = 5
+
+# One delay queue per backoff step, each with a fixed TTL: a per-message TTL expires only
+# at the head of a queue, so mixed delays in one queue would hold short ones behind long.
+DELAY_STEPS_MS = (
+    100,
+    200,
+    500,
+    1000,
+    1500,
+    2000,
+    3000,
+    4000,
+    6000,
+    8000,
+    12000,
+    16000,
+    24000,
+    32000,
+    48000,
+    64000,
+    96000,
+    128000,
+    192000,
+    256000,
+    384000,
+    512000,
+)
+DELAY_HEADER = "es-delay-ms"
+
+
+def delay_step(seconds: float) -> int:
+    """The longest delay step not above ``seconds`` (the shortest if all are)."""
+    ms = seconds * 1000
+    fitting = [step for step in DELAY_STEPS_MS if step <= ms]
+    return fitting[-1] if fitting else DELAY_STEPS_MS[0]
 
 
 class JobQueue:
@@ -71,9 +108,33 @@ class Broker:
         await self.connection.close()
 
     async def declare_topology(self) -> None:
+        """Declare every fixed queue and exchange (idempotent; all parties call it)."""
         ch = await self._channel()
-        for name in (self.names.jobs, self.names.status, self.names.dlq):
+        for name in (self.names.jobs, self.names.status, self.names.dlq, self.names.dead_ranges):
             await ch.declare_queue(name, durable=True)
+        delay = await ch.declare_exchange(self.names.delay, aio_pika.ExchangeType.HEADERS, durable=True)
+        for step in DELAY_STEPS_MS:
+            # on expiry a message goes back through the default exchange, under the
+            # routing key it was published with: its job's queue, or es.jobs
+            queue = await ch.declare_queue(
+                self.names.retry(step),
+                durable=True,
+                arguments={"x-message-ttl": step, "x-dead-letter-exchange": ""},
+            )
+            await queue.bind(delay, arguments={"x-match": "all", DELAY_HEADER: str(step)})
+        await ch.declare_exchange(self.names.control, aio_pika.ExchangeType.FANOUT, durable=True)
+
+    def fixed_queues(self) -> list[str]:
+        n = self.names
+        return [n.jobs, n.status, n.dlq, n.dead_ranges, *(n.retry(step) for step in DELAY_STEPS_MS)]
+
+    async def delete_topology(self) -> None:
+        """Remove every fixed queue and exchange (tests; a user's purge)."""
+        ch = await self._channel()
+        for name in self.fixed_queues():
+            await ch.queue_delete(name)
+        for exchange in (self.names.delay, self.names.control):
+            await ch.exchange_delete(exchange)
 
     async def _channel(self) -> AbstractChannel:
         """The publishing channel, opened again if RabbitMQ closed it (a channel error
@@ -96,6 +157,32 @@ class Broker:
         )
         await ch.default_exchange.publish(message, routing_key=routing_key, mandatory=True)
 
+    async def publish_delayed(self, routing_key: str, body: bytes, seconds: float) -> None:
+        """Publish so that the message reaches ``routing_key`` after about ``seconds``
+        (one of DELAY_STEPS_MS): it waits in a delay queue, never in a consumer."""
+        ch = await self._channel()
+        exchange = await ch.get_exchange(self.names.delay, ensure=False)
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers={DELAY_HEADER: str(delay_step(seconds))},
+        )
+        await exchange.publish(message, routing_key=routing_key, mandatory=True)
+
+    async def broadcast(self, body: bytes) -> None:
+        """To every worker listening on es.control (none listening is fine)."""
+        ch = await self._channel()
+        exchange = await ch.get_exchange(self.names.control, ensure=False)
+        await exchange.publish(aio_pika.Message(body, content_type="application/json"), routing_key="")
+
+    async def listen_control(self, handler: Handler) -> None:
+        """A worker's private queue on es.control; it goes away with the connection."""
+        ch = await self.connection.channel()
+        queue = await ch.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(self.names.control)
+        await queue.consume(handler, no_ack=True)
+
     async def publish_many(self, items: Iterable[tuple[str, bytes]]) -> None:
         """Publish concurrently (confirms are pipelined), waiting for every confirm."""
         await asyncio.gather(*(self.publish(key, body) for key, body in items))
@@ -108,7 +195,16 @@ class Broker:
 
     async def declare_job_queue(self, name: str) -> None:
         ch = await self._channel()
-        await ch.declare_queue(name, durable=True, arguments=JOB_QUEUE_ARGS)
+        await ch.declare_queue(
+            name,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": DELIVERY_LIMIT,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": self.names.dead_ranges,
+            },
+        )
 
     async def delete_queue(self, name: str) -> None:
         ch = await self._channel()

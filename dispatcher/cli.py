@@ -111,7 +111,14 @@ def start(release_window: int | None, **conn: Any) -> None:
 @click.option(
     "--log-dir", type=click.Path(path_type=Path), default=None, help="Where job logs go [env DISPATCHER_LOG_DIR]."
 )
-def worker(slots: int, work_dir: Path | None, log_dir: Path | None, **conn: Any) -> None:
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="On SIGTERM: seconds running events may take to finish before they are stopped and given back.",
+)
+def worker(slots: int, work_dir: Path | None, log_dir: Path | None, grace: float, **conn: Any) -> None:
     """Run a worker (the pilot): take jobs, run their events, report every status."""
     from dispatcher.broker import Broker
     from workers.worker import Worker
@@ -123,7 +130,14 @@ def worker(slots: int, work_dir: Path | None, log_dir: Path | None, **conn: Any)
         broker = await Broker.connect(settings.amqp_url, settings.names, client="dispatcher-worker")
         await broker.declare_topology()
         try:
-            await Worker(broker, slots=slots, work_dir=settings.work_dir, log_dir=settings.log_dir).run(stop)
+            await Worker(
+                broker,
+                slots=slots,
+                work_dir=settings.work_dir,
+                log_dir=settings.log_dir,
+                grace=grace,
+                heartbeat_interval=settings.heartbeat_interval,
+            ).run(stop)
         finally:
             await broker.close()
         return 0
@@ -217,6 +231,80 @@ def status(workflow_id: int | None, as_json: bool, **conn: Any) -> None:
             return 0
         finally:
             await store.close()
+
+    run_async(go())
+
+
+@main.command()
+@connection_options
+@click.argument("workflow_id", type=int)
+def cancel(workflow_id: int, **conn: Any) -> None:
+    """Cancel a running workflow: remaining events become 'cancelled', its queues are
+    removed and workers stop its running payloads."""
+    from dispatcher.broker import Broker
+    from dispatcher.replay import cancel as do_cancel
+
+    settings = settings_from(**conn)
+
+    async def go() -> int:
+        store = await Store.connect(settings.database_url, max_size=1)
+        broker = await Broker.connect(settings.amqp_url, settings.names, client="dispatcher-cancel")
+        try:
+            await broker.declare_topology()
+            jobs = await do_cancel(store, broker, workflow_id)
+        finally:
+            await broker.close()
+            await store.close()
+        if jobs is None:
+            click.echo(f"error: workflow {workflow_id} is not running (or does not exist)", err=True)
+            return 2
+        click.echo(f"cancelled workflow {workflow_id}: {len(jobs)} job(s) stopped")
+        return 0
+
+    run_async(go())
+
+
+@main.command()
+@connection_options
+@click.option("--workflow", "workflow_id", type=int, default=None, help="Only this workflow's events.")
+@click.option("--task", "label", default=None, help="Only this task (label).")
+@click.option("--job", "job_id", type=int, default=None, help="Only this job.")
+@click.option("--event", "number", type=int, default=None, help="Only this event number.")
+@click.option("--reason", default=None, help="Only events whose last error contains this text.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Replay at most this many.")
+@click.option("--dry-run", is_flag=True, help="Print what would be replayed; change nothing.")
+def replay(
+    workflow_id: int | None,
+    label: str | None,
+    job_id: int | None,
+    number: int | None,
+    reason: str | None,
+    limit: int | None,
+    dry_run: bool,
+    **conn: Any,
+) -> None:
+    """Put failed events from the dead-letter queue back into their jobs with fresh attempts."""
+    from dispatcher.broker import Broker
+    from dispatcher.replay import Selector
+    from dispatcher.replay import replay as do_replay
+
+    settings = settings_from(**conn)
+    selector = Selector(workflow=workflow_id, task=label, job=job_id, event=number, reason=reason)
+
+    async def go() -> int:
+        store = await Store.connect(settings.database_url, max_size=1)
+        broker = await Broker.connect(settings.amqp_url, settings.names, client="dispatcher-replay")
+        try:
+            await broker.declare_topology()
+            outcomes = await do_replay(store, broker, selector, limit=limit, dry_run=dry_run)
+        finally:
+            await broker.close()
+            await store.close()
+        for outcome in outcomes:
+            click.echo(outcome.describe())
+        done = sum(o.action in ("replayed", "would replay") for o in outcomes)
+        click.echo(f"{'would replay' if dry_run else 'replayed'} {done} event(s)", err=True)
+        return 0
 
     run_async(go())
 

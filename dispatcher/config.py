@@ -29,6 +29,24 @@ class Names:
     def dlq(self) -> str:
         return f"{self.prefix}es.dlq"
 
+    @property
+    def delay(self) -> str:
+        """Headers exchange in front of the delay queues."""
+        return f"{self.prefix}es.delay"
+
+    def retry(self, delay_ms: int) -> str:
+        return f"{self.prefix}es.retry.{delay_ms}"
+
+    @property
+    def control(self) -> str:
+        """Fanout exchange to every worker (cancel)."""
+        return f"{self.prefix}es.control"
+
+    @property
+    def dead_ranges(self) -> str:
+        """Ranges RabbitMQ dead-lettered (delivery limit); the control plane records them."""
+        return f"{self.prefix}es.dead.ranges"
+
     def job(self, job_id: int) -> str:
         return f"{self.prefix}es.job.{job_id}"
 
@@ -45,6 +63,8 @@ class Settings:
     # bookkeeper: how many updates one transaction applies, and how long it waits to fill one
     batch_size: int = 2000
     batch_linger: float = 0.05
+    # workers report every heartbeat_interval; one silent for 3 intervals is lost
+    heartbeat_interval: float = 5.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -57,6 +77,7 @@ class Settings:
             work_dir=work_dir,
             log_dir=Path(env.get("DISPATCHER_LOG_DIR", str(work_dir.parent / "logs"))),
             release_window=int(env.get("DISPATCHER_RELEASE_WINDOW", "1000")),
+            heartbeat_interval=float(env.get("DISPATCHER_HEARTBEAT_INTERVAL", "5")),
         )
 
     def override(self, **changes: object) -> Settings:

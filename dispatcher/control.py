@@ -8,13 +8,17 @@ import contextlib
 import logging
 
 import asyncpg
+from aio_pika.abc import AbstractIncomingMessage
 
 from dispatcher.bookkeeper import Bookkeeper
-from dispatcher.broker import Broker
+from dispatcher.broker import DELIVERY_LIMIT, Broker
 from dispatcher.config import Settings
 from dispatcher.finisher import Finisher
 from dispatcher.releaser import Releaser
+from dispatcher.retry import TRANSIENT, patiently
 from dispatcher.store import Store
+from schemas.messages import DeadLetter, EventRange, MessageError, StatusUpdate, decode, encode
+from workers.payload import now
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +55,18 @@ class ControlPlane:
         await self.finisher.check(await self.store.unfinished_jobs())
         await self.store.finish_workflows(await self.store.running_workflows())
         await self.releaser.reclaim(STALE_CLAIM_SECONDS)
-        active = await self.store.unfinished_jobs()
-        if active:
-            await self.releaser.announce(await self.store.jobs_to_publish(active))
+        await self.releaser.announce_ids(await self.store.unfinished_jobs())
         self.releaser.wake()
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.recover()
         await self.bookkeeper.start()
+        stop_dead = await self.broker.consume(self.broker.names.dead_ranges, self._on_dead_range, prefetch=16)
         tasks: list[asyncio.Task[object]] = [
             asyncio.create_task(self.releaser.run(), name="releaser"),
             asyncio.create_task(self.bookkeeper.run(), name="bookkeeper"),
             asyncio.create_task(self._listen(), name="listener"),
-            asyncio.create_task(self._housekeeping(), name="housekeeping"),
+            asyncio.create_task(self._watchdog(), name="watchdog"),
         ]
         log.info("control plane running", extra={"prefix": self.settings.names.prefix or "-"})
         waiter = asyncio.create_task(stop.wait())
@@ -72,6 +75,7 @@ class ControlPlane:
         # release in progress is let finish (cancelling it mid-publish would leave the
         # job half-published until the next start reclaims it)
         await self.bookkeeper.stop()
+        await stop_dead()
         async with self.releaser.busy:
             for task in tasks:
                 task.cancel()
@@ -107,8 +111,69 @@ class ControlPlane:
                 with contextlib.suppress(Exception):
                     await conn.close()
 
-    async def _housekeeping(self) -> None:
-        """Timeouts only: half-released jobs of a control plane that died."""
+    async def _watchdog(self) -> None:
+        """Timeouts only: workers that stopped reporting, and the work they left."""
         while True:
-            await asyncio.sleep(STALE_CLAIM_SECONDS)
-            await self.releaser.reclaim(STALE_CLAIM_SECONDS)
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            try:
+                await self.find_lost_work()
+            except TRANSIENT as exc:
+                log.warning("watchdog skipped a round: service unavailable", extra={"error": repr(exc)})
+
+    async def find_lost_work(self) -> list[int]:
+        """Announce again every job that has ranges waiting and no live worker serving it
+        (its workers died or left before a retry or a given-back range arrived). Returns
+        the jobs announced. Skipped while announcements wait: idle workers take those first."""
+        for worker in await self.store.mark_lost_workers(3 * self.settings.heartbeat_interval):
+            log.warning("worker lost: no heartbeat", extra={"worker": worker})
+        await self.releaser.reclaim(STALE_CLAIM_SECONDS)
+        if await self.broker.queue_depth(self.broker.names.jobs):
+            return []
+        lost = [
+            j for j in await self.store.unattended_jobs() if await self.broker.queue_depth(self.broker.names.job(j))
+        ]
+        if lost:
+            log.warning("announcing unattended jobs again", extra={"jobs": lost[:20], "count": len(lost)})
+            await self.releaser.announce_ids(lost)
+        return lost
+
+    async def _on_dead_range(self, message: AbstractIncomingMessage) -> None:
+        """A range RabbitMQ dead-lettered at its delivery limit: its events fail, each
+        with a dead letter, so none stays 'running' in the bookkeeping."""
+        try:
+            rng = decode(message.body, EventRange)
+        except MessageError as exc:
+            await self.broker.dead_letter(message.body, str(exc), source=self.broker.names.dead_ranges)
+            await message.ack()
+            return
+        jobs = await patiently(lambda: self.store.jobs_to_publish([rng.job_id]), what="dead range")
+        label = jobs[0].label if jobs else "?"
+        reason = f"delivered {DELIVERY_LIMIT} times without an answer: it keeps killing workers"
+        updates = []
+        for event in rng.events:
+            attempt = event.attempt + DELIVERY_LIMIT
+            dead = DeadLetter(
+                workflow_id=rng.workflow_id,
+                job_id=rng.job_id,
+                label=label,
+                number=event.number,
+                payload=event.payload,
+                attempts=attempt,
+                error=reason,
+                at=now(),
+            )
+            await self.broker.publish(self.broker.names.dlq, encode(dead), headers={"x-reason": reason})
+            updates.append(
+                StatusUpdate(
+                    job_id=rng.job_id,
+                    number=event.number,
+                    attempt=attempt,
+                    status="failed",
+                    worker="rabbitmq",
+                    ended_at=now(),
+                    error=reason,
+                )
+            )
+        await patiently(lambda: self.store.apply(updates), what="dead range")
+        await message.ack()
+        await patiently(lambda: self.finisher.check([rng.job_id]), what="finishing")

@@ -72,5 +72,6 @@ async def create_fresh(conn: asyncpg.Connection) -> None:
     async with conn.transaction():
         await conn.execute(VERSION_TABLE)
         await conn.execute((SQL_DIR / "schema.sql").read_text())
-        last = migrations()[-1]
-        await conn.execute("INSERT INTO schema_version (version, name) VALUES ($1, $2)", last.version, last.name)
+        # the fresh schema holds every migration's change: record them all as applied
+        for mig in migrations():
+            await conn.execute("INSERT INTO schema_version (version, name) VALUES ($1, $2)", mig.version, mig.name)

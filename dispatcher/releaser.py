@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 
 from dispatcher.broker import Broker
+from dispatcher.retry import TRANSIENT
 from dispatcher.store import JobToPublish, Store
 from schemas.messages import EventRange, EventSpec, JobAnnouncement, PayloadSpec, encode
 
@@ -29,6 +30,8 @@ def announcement(job: JobToPublish, queue: str) -> JobAnnouncement:
         label=job.label,
         queue=queue,
         payload=PayloadSpec.model_validate(job.payload),
+        max_attempts=job.max_attempts,
+        retry_delay=job.retry_delay,
     )
 
 
@@ -48,7 +51,13 @@ class Releaser:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await self.release_once()
+            try:
+                await self.release_once()
+            except TRANSIENT as exc:
+                # claimed jobs stay 'releasing' and are reclaimed; try again shortly
+                log.warning("release failed: service unavailable", extra={"error": repr(exc)})
+                await asyncio.sleep(1.0)
+                self.wake()
 
     async def release_once(self) -> int:
         """Release what may run now; returns the number of jobs published."""
@@ -86,6 +95,10 @@ class Releaser:
         # queued in the bookkeeping before announced: a worker's first status finds it queued
         await self.store.mark_jobs_queued([job.id for job in jobs])
         await self.announce(jobs)
+
+    async def announce_ids(self, job_ids: Sequence[int]) -> None:
+        if job_ids:
+            await self.announce(await self.store.jobs_to_publish(job_ids))
 
     async def announce(self, jobs: Sequence[JobToPublish]) -> None:
         names = self.broker.names

@@ -13,13 +13,13 @@ import orjson
 
 from dispatcher import migrate
 from dispatcher.queries import q
-from schemas.messages import JobLog, StatusUpdate
+from schemas.messages import Heartbeat, JobLog, StatusUpdate
 from schemas.submission import LabelPlan, SubmissionError
 
 log = logging.getLogger(__name__)
 
 TERMINAL = ("finished", "failed", "cancelled")
-_RANK = {"queued": 1, "running": 2, "finished": 3, "failed": 3}
+_RANK = {"queued": 1, "running": 2, "finished": 3, "failed": 3, "retrying": 3}
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -36,6 +36,8 @@ class JobToPublish:
     label: str
     payload: dict[str, Any]
     events_per_range: int
+    max_attempts: int
+    retry_delay: float
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class Store:
                     p.max_attempts,
                     p.request_walltime,
                     p.payload.model_dump(exclude_none=True),
+                    p.retry_delay,
                 )
             for p in plans:
                 for parent in p.parents:
@@ -187,11 +190,24 @@ class Store:
 
     # -- bookkeeper -------------------------------------------------------------------
 
-    async def apply(self, updates: Sequence[StatusUpdate], logs: Sequence[JobLog] = ()) -> set[int]:
+    async def apply(
+        self,
+        updates: Sequence[StatusUpdate],
+        logs: Sequence[JobLog] = (),
+        heartbeats: Sequence[tuple[str, Heartbeat]] = (),
+    ) -> set[int]:
         """Apply a batch of status updates in one transaction; returns the jobs it moved."""
         updates = newest_updates(updates)
         cols = _columns(updates)
         async with self.pool.acquire() as conn, conn.transaction():
+            if heartbeats:
+                await conn.executemany(
+                    q("upsert_worker"),
+                    [
+                        (worker, hb.host, hb.pid, hb.slots, hb.state, hb.jobs, hb.events_done, hb.started_at)
+                        for worker, hb in heartbeats
+                    ],
+                )
             moved = {r["job_id"] for r in await conn.fetch(q("apply_updates"), *cols)}
             await conn.execute(q("record_attempts"), *cols)
             if moved:
@@ -203,6 +219,44 @@ class Store:
                 wfs = [r["workflow_id"] for r in await conn.fetch(q("job_workflows"), list(touched))]
                 await conn.execute(q("notify_progress"), wfs)
         return moved
+
+    async def unknown_events(self, updates: Sequence[StatusUpdate]) -> set[tuple[int, int]]:
+        rows = await self.pool.fetch(q("unknown_events"), [u.job_id for u in updates], [u.number for u in updates])
+        return {(r["job_id"], r["number"]) for r in rows}
+
+    # -- workers and lost work --------------------------------------------------------
+
+    async def mark_lost_workers(self, silent_for: float) -> list[str]:
+        return [r["id"] for r in await self.pool.fetch(q("mark_lost_workers"), silent_for)]
+
+    async def unattended_jobs(self) -> list[int]:
+        return [r["id"] for r in await self.pool.fetch(q("unattended_jobs"))]
+
+    async def live_workers(self) -> list[dict[str, Any]]:
+        return [_jsonable(r) for r in await self.pool.fetch(q("live_workers"))]
+
+    # -- cancel and replay ------------------------------------------------------------
+
+    async def cancel_workflow(self, workflow_id: int) -> list[int] | None:
+        """Cancel what is left of a running workflow; returns the jobs that had a queue,
+        or None if the workflow is not running."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            status = await conn.fetchval("SELECT status FROM workflows WHERE id = $1 FOR UPDATE", workflow_id)
+            if status != "running":
+                return None
+            return [r["id"] for r in await conn.fetch(q("cancel_workflow"), workflow_id)]
+
+    async def dead_event(self, job_id: int, number: int) -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await self.pool.fetchrow(q("dead_event"), job_id, number)
+        return row
+
+    async def replay_event(self, workflow_id: int, job_id: int, number: int, attempt: int) -> bool:
+        """Give a failed event a fresh attempt; False if it was replayed already."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            replayed = await conn.fetch(q("replay_event"), job_id, number, attempt)
+            if replayed:
+                await conn.execute(q("reopen_cancelled_descendants"), workflow_id)
+            return bool(replayed)
 
     # -- finisher ---------------------------------------------------------------------
 

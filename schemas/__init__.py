@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from schemas.messages import (
     SCHEMA_VERSION,
+    CancelJobs,
+    DeadLetter,
     EventRange,
     EventSpec,
+    Heartbeat,
     JobAnnouncement,
     JobLog,
     MessageError,
@@ -23,8 +26,11 @@ from schemas.submission import LabelPlan, Submission, SubmissionError, load_subm
 
 __all__ = [
     "SCHEMA_VERSION",
+    "CancelJobs",
+    "DeadLetter",
     "EventRange",
     "EventSpec",
+    "Heartbeat",
     "JobAnnouncement",
     "JobLog",
     "LabelPlan",

@@ -2,7 +2,9 @@
 
 ``JobAnnouncement`` (es.jobs): job <id> has work, with what a worker needs to set it up.
 ``EventRange`` (es.job.<id>): consecutive events of one job, each with its attempt.
-``StatusBatch`` (es.status): status updates of many events, and job log records.
+``StatusBatch`` (es.status): status updates of many events, job log records, heartbeats.
+``DeadLetter`` (es.dlq): an event that used up its attempts, with what replay needs.
+``CancelJobs`` (es.control, fanout to every worker): stop running these jobs.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 SCHEMA_VERSION = 1
 
-EventStatus = Literal["running", "finished", "failed"]
+# 'retrying': this attempt failed and the next one is scheduled (in a delay queue)
+EventStatus = Literal["running", "finished", "failed", "retrying"]
 
 
 class MessageError(ValueError):
@@ -45,6 +48,8 @@ class JobAnnouncement(_Wire):
     label: str
     queue: str
     payload: PayloadSpec
+    max_attempts: Annotated[int, Field(ge=1)] = 1
+    retry_delay: Annotated[float, Field(ge=0)] = 2.0  # seconds before the 2nd attempt; doubles after
 
 
 class EventSpec(BaseModel):
@@ -80,11 +85,43 @@ class JobLog(BaseModel):
     path: str
 
 
+class Heartbeat(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    host: str
+    pid: int
+    slots: int
+    state: Literal["live", "stopping", "stopped"]
+    jobs: list[int] = []  # jobs this worker is serving now
+    events_done: int = 0
+    started_at: datetime
+
+
 class StatusBatch(_Wire):
     kind: Literal["status"] = "status"
     worker: str
     updates: list[StatusUpdate] = []
     logs: list[JobLog] = []
+    heartbeat: Heartbeat | None = None
+
+
+class DeadLetter(_Wire):
+    """An event out of attempts. Replay puts it back into its job's queue."""
+
+    kind: Literal["dead"] = "dead"
+    workflow_id: int
+    job_id: int
+    label: str
+    number: int
+    payload: str
+    attempts: int
+    error: str | None = None
+    worker: str | None = None
+    at: datetime
+
+
+class CancelJobs(_Wire):
+    kind: Literal["cancel"] = "cancel"
+    job_ids: list[int]
 
 
 M = TypeVar("M", bound=_Wire)

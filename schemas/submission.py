@@ -45,6 +45,7 @@ class LabelConfig(BaseModel):
     requestWalltime: float | None = Field(default=None, gt=0)
     dependsOn: list[str] = []
     numberOfRetries: int | None = Field(default=None, ge=0)
+    retryDelay: float | None = Field(default=None, ge=0)
     eventsPerRange: int | None = Field(default=None, ge=1)
 
     _split_deps = field_validator("dependsOn", mode="before")(_split_labels)
@@ -89,6 +90,7 @@ class Submission(BaseModel):
     maxPayloadsPerPandaJob: int = Field(default=10, ge=1)
     maxEventsPerJob: int | None = Field(default=None, ge=1)
     numberOfRetries: int = Field(default=3, ge=0)
+    retryDelay: float = Field(default=2.0, ge=0)  # seconds before the 2nd attempt; doubles, with jitter
     eventsPerRange: int = Field(default=1, ge=1)
     mapping: str | None = None
     pipetask: dict[str, LabelConfig] = Field(min_length=1)
@@ -160,6 +162,7 @@ class LabelPlan:
     max_payloads_per_job: int
     request_walltime: float | None
     max_attempts: int
+    retry_delay: float
     events_per_range: int
     payload: PayloadSpec
 
@@ -190,6 +193,7 @@ def plan(sub: Submission) -> list[LabelPlan]:
                 max_payloads_per_job=size if es else 1,
                 request_walltime=walltime,
                 max_attempts=retries + 1,
+                retry_delay=cfg.retryDelay if cfg.retryDelay is not None else sub.retryDelay,
                 events_per_range=cfg.eventsPerRange or sub.eventsPerRange,
                 payload=PayloadSpec(
                     command=cfg.payloadCommand,

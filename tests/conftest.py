@@ -151,9 +151,10 @@ async def broker(settings: Settings, store: Store) -> AsyncIterator[Broker]:
     await b.declare_topology()
     yield b
     job_ids = [r["id"] for r in await store.pool.fetch("SELECT id FROM jobs")]
-    for name in [settings.names.jobs, settings.names.status, settings.names.dlq, *map(settings.names.job, job_ids)]:
+    for name in map(settings.names.job, job_ids):
         with contextlib.suppress(aiormq.exceptions.AMQPError):
             await b.delete_queue(name)
+    await b.delete_topology()
     await b.close()
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import aiormq
 
 from dispatcher.broker import Broker
-from schemas.messages import JobLog, StatusBatch, StatusUpdate, encode
+from schemas.messages import Heartbeat, JobLog, StatusBatch, StatusUpdate, encode
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ class StatusReporter:
         self.linger = linger
         self._updates: dict[tuple[int, int, int], StatusUpdate] = {}
         self._logs: list[JobLog] = []
+        self._heartbeat: Heartbeat | None = None
         self._waiters: list[asyncio.Future[None]] = []
         self._has_work = asyncio.Event()
         self._full = asyncio.Event()
@@ -44,6 +45,11 @@ class StatusReporter:
 
     def running(self, update: StatusUpdate) -> None:
         self._add([update])
+
+    def heartbeat(self, beat: Heartbeat) -> None:
+        """Sent with the next batch (only the latest one matters)."""
+        self._heartbeat = beat
+        self._has_work.set()
 
     async def report(self, updates: Iterable[StatusUpdate] = (), logs: Iterable[JobLog] = ()) -> None:
         self._logs.extend(logs)
@@ -65,15 +71,16 @@ class StatusReporter:
     async def flush(self) -> None:
         updates, self._updates = list(self._updates.values()), {}
         logs, self._logs = self._logs, []
+        beat, self._heartbeat = self._heartbeat, None
         waiters, self._waiters = self._waiters, []
         self._has_work.clear()
         self._full.clear()
-        if not updates and not logs:
+        if not updates and not logs and beat is None:
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
             return
-        body = encode(StatusBatch(worker=self.worker, updates=updates, logs=logs))
+        body = encode(StatusBatch(worker=self.worker, updates=updates, logs=logs, heartbeat=beat))
         delay = 0.2
         while True:
             try:

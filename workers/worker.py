@@ -6,6 +6,9 @@ worker holds only the ranges it is running (basic.get, never a long-lived prefet
 slow payload never hides work from other workers. A job is found through an announcement
 on es.jobs, taken only while a slot is free; when a worker takes a job that has more
 ranges than it takes at once, it passes the announcement on so idle workers join.
+
+A failed event is retried alone: its next attempt goes into a delay queue (with the job's
+announcement, so that a worker comes back for it), or, out of attempts, to es.dlq.
 """
 
 from __future__ import annotations
@@ -15,17 +18,23 @@ import contextlib
 import fcntl
 import logging
 import os
+import random
 import shutil
 import socket
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from dispatcher.broker import Announcements, Broker, JobQueue
+from dispatcher.broker import MAX_REDELIVERIES, Announcements, Broker, JobQueue
 from schemas.messages import (
+    CancelJobs,
+    DeadLetter,
     EventRange,
+    EventSpec,
+    Heartbeat,
     JobAnnouncement,
     JobLog,
     MessageError,
@@ -33,14 +42,21 @@ from schemas.messages import (
     decode,
     encode,
 )
-from workers.payload import Runner, now, runner_for
+from workers.payload import Outcome, Runner, now, runner_for
 from workers.reporter import StatusReporter
 
 log = logging.getLogger(__name__)
 
+MAX_RETRY_DELAY = 512.0  # seconds: the longest delay step
+
 
 def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def retry_delay(base: float, attempt: int) -> float:
+    """Exponential backoff with jitter: base x 2^(attempt-1), +-25 %."""
+    return float(min(base * 2 ** (attempt - 1), MAX_RETRY_DELAY) * random.uniform(0.75, 1.25))
 
 
 @dataclass
@@ -53,9 +69,11 @@ class Job:
     work_dir: Path
     segment: Path  # this worker's part of the job log
     drained: bool = False
+    cancelled: bool = False
     in_flight: int = 0
     invited: bool = False
     events_done: int = 0
+    running: set[asyncio.Task[Outcome]] = field(default_factory=set)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -68,36 +86,53 @@ class Worker:
         work_dir: Path,
         log_dir: Path,
         worker_id: str | None = None,
+        grace: float = 30.0,
+        heartbeat_interval: float = 5.0,
     ) -> None:
         self.broker = broker
+        self.names = broker.names
         self.slots = slots
         self.work_dir = work_dir
         self.log_dir = log_dir
         self.id = worker_id or new_worker_id()
+        self.grace = grace
+        self.heartbeat_interval = heartbeat_interval
         self.reporter = StatusReporter(broker, self.id)
         self.jobs: dict[int, Job] = {}
         self.events_done = 0
+        self.started_at = now()
         self._announcement_lock = asyncio.Lock()
         self._announcements: Announcements | None = None
         self._stopping = False
+        self._looking: asyncio.Task[object] | None = None  # the slot waiting for an announcement
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Serve jobs until ``stop`` is set; then take no new range, let running events
+        finish for ``grace`` seconds, give back what did not run, and return."""
         self._announcements = await self.broker.announcements()
+        await self.broker.listen_control(self._on_control)
         reporter = asyncio.create_task(self.reporter.run(), name="reporter")
+        heartbeat = asyncio.create_task(self._heartbeats(), name="heartbeat")
         slots = [asyncio.create_task(self._slot(), name=f"slot-{i}") for i in range(self.slots)]
         log.info("worker started", extra={"worker": self.id, "slots": self.slots})
         stopper = asyncio.create_task(stop.wait())
         # a slot or the reporter that ends by itself has failed: stop rather than hang
         await asyncio.wait([stopper, reporter, *slots], return_when=asyncio.FIRST_COMPLETED)
         self._stopping = True
-        for slot in slots:
-            slot.cancel()
-        for slot in slots:
-            with contextlib.suppress(asyncio.CancelledError):
-                await slot
+        self.reporter.heartbeat(self._heartbeat("stopping"))
+        if self._looking is not None:  # waiting for an announcement: nothing to finish
+            self._looking.cancel()
+        _, late = await asyncio.wait(slots, timeout=self.grace)
+        if late:
+            log.warning("grace period over: stopping running payloads", extra={"slots": len(late)})
+            for slot in late:
+                slot.cancel()
+            await asyncio.wait(late)
         for job in list(self.jobs.values()):
             await self._teardown(job)
+        heartbeat.cancel()
         if not reporter.done():
+            self.reporter.heartbeat(self._heartbeat("stopped"))
             await self.reporter.flush()
             reporter.cancel()
         stopper.cancel()
@@ -107,11 +142,47 @@ class Worker:
                     raise task.exception()  # type: ignore[misc]
         log.info("worker stopped", extra={"worker": self.id, "events": self.events_done})
 
+    # -- heartbeats and control -------------------------------------------------------
+
+    def _heartbeat(self, state: str = "live") -> Heartbeat:
+        return Heartbeat(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            slots=self.slots,
+            state=state,  # type: ignore[arg-type]
+            jobs=sorted(self.jobs),
+            events_done=self.events_done,
+            started_at=self.started_at,
+        )
+
+    async def _heartbeats(self) -> None:
+        """Tells the control plane which jobs this worker serves; silence means lost."""
+        while True:
+            self.reporter.heartbeat(self._heartbeat("stopping" if self._stopping else "live"))
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def _on_control(self, message: AbstractIncomingMessage) -> None:
+        try:
+            cancel = decode(message.body, CancelJobs)
+        except MessageError as exc:
+            log.warning("ignored a control message", extra={"error": str(exc)})
+            return
+        for job_id in cancel.job_ids:
+            job = self.jobs.get(job_id)
+            if job is not None:
+                log.info("job cancelled: stopping its payloads", extra={"job": job_id, "running": len(job.running)})
+                job.cancelled = job.drained = True
+                for run in job.running:
+                    run.cancel()
+
     # -- finding work -----------------------------------------------------------------
 
     async def _slot(self) -> None:
         while not self._stopping:
-            job, message = await self._next_range()
+            got = await self._next_range()
+            if got is None:
+                return
+            job, message = got
             try:
                 await self._run_range(job, message)
             finally:
@@ -119,8 +190,9 @@ class Worker:
                 if job.drained and job.in_flight == 0:
                     await self._teardown(job)
 
-    async def _next_range(self) -> tuple[Job, AbstractIncomingMessage]:
-        while True:
+    async def _next_range(self) -> tuple[Job, AbstractIncomingMessage] | None:
+        """The next range to run, or None once the worker is stopping."""
+        while not self._stopping:
             for job in list(self.jobs.values()):
                 if job.drained:
                     continue
@@ -133,12 +205,17 @@ class Worker:
                 job.in_flight += 1
                 if not job.invited and (message.message_count or 0) > 0:
                     job.invited = True  # more ranges than we take at once: let an idle worker join
-                    await self.broker.publish(self.broker.names.jobs, encode(job.spec))
+                    await self.broker.publish(self.names.jobs, encode(job.spec))
                 return job, message
             async with self._announcement_lock:
-                if any(not j.drained for j in self.jobs.values()):
-                    continue  # another slot found a job while we waited for the lock
-                await self._take_announcement()
+                if self._stopping or any(not j.drained for j in self.jobs.values()):
+                    continue  # stopping, or another slot found a job while we waited for the lock
+                self._looking = asyncio.current_task()
+                try:
+                    await self._take_announcement()
+                finally:
+                    self._looking = None
+        return None
 
     async def _take_announcement(self) -> None:
         assert self._announcements is not None
@@ -146,19 +223,19 @@ class Worker:
         try:
             spec = decode(message.body, JobAnnouncement)
         except MessageError as exc:
-            await self.broker.dead_letter(message.body, str(exc), source=self.broker.names.jobs)
+            await self.broker.dead_letter(message.body, str(exc), source=self.names.jobs)
             await message.ack()
             return
         job = self.jobs.get(spec.job_id)
         if job is not None:
-            job.drained = False  # new work in a job we still hold
+            job.drained = job.cancelled  # new work in a job we still hold
         else:
             try:
                 await self._setup(spec)
             except Exception as exc:
                 # cannot run this job here (e.g. its payload function does not import)
                 log.error("job set-up failed", extra={"job": spec.job_id, "error": repr(exc)})
-                await self.broker.dead_letter(message.body, f"set-up failed: {exc!r}", source=self.broker.names.jobs)
+                await self.broker.dead_letter(message.body, f"set-up failed: {exc!r}", source=self.names.jobs)
         await message.ack()
 
     # -- a job's life -----------------------------------------------------------------
@@ -169,6 +246,7 @@ class Worker:
         work_dir.mkdir(parents=True, exist_ok=True)
         queue = await self.broker.open_job(spec.queue)
         self.jobs[spec.job_id] = Job(spec, queue, runner, work_dir, work_dir / "job.log")
+        self.reporter.heartbeat(self._heartbeat())
         log.info("job set up", extra={"job": spec.job_id, "label": spec.label, "worker": self.id})
 
     async def _teardown(self, job: Job) -> None:
@@ -180,6 +258,7 @@ class Worker:
         if job.segment.exists():
             logs.append(JobLog(job_id=job.spec.job_id, path=str(self._append_log(job).resolve())))
         shutil.rmtree(job.work_dir, ignore_errors=True)
+        self.reporter.heartbeat(self._heartbeat("stopping" if self._stopping else "live"))
         if logs:
             await self.reporter.report(logs=logs)
         log.info("job torn down", extra={"job": job.spec.job_id, "events": job.events_done, "worker": self.id})
@@ -193,6 +272,8 @@ class Worker:
             shutil.copyfileobj(part, out)
         return path
 
+    # -- running a range --------------------------------------------------------------
+
     async def _run_range(self, job: Job, message: AbstractIncomingMessage) -> None:
         try:
             rng = decode(message.body, EventRange)
@@ -205,47 +286,156 @@ class Worker:
         # a range redelivered after a worker died counts as a new attempt of its events
         count = (message.headers or {}).get("x-delivery-count", 0)
         redeliveries = count if isinstance(count, int) else 0
-        finals = []
-        for event in rng.events:
-            attempt = event.attempt + redeliveries
-            started = now()
-            self.reporter.running(
-                StatusUpdate(
+        finals: list[StatusUpdate] = []
+        rest: list[EventSpec] = []  # events given back, unstarted or stopped by a shutdown
+        try:
+            for i, event in enumerate(rng.events):
+                if job.cancelled:
+                    break
+                if self._stopping:
+                    rest = list(rng.events[i:])
+                    break
+                attempt = event.attempt + redeliveries
+                if redeliveries >= MAX_REDELIVERIES:
+                    finals.append(
+                        await self._give_up(
+                            job,
+                            event,
+                            attempt,
+                            now(),
+                            None,
+                            f"the range was delivered {redeliveries + 1} times: it keeps killing workers",
+                        )
+                    )
+                    continue
+                outcome = await self._run_event(job, event, attempt)
+                if outcome is not None:
+                    finals.append(await self._settle(job, event, attempt, outcome))
+        except asyncio.CancelledError:
+            # the grace period ran out mid-event: give the unfinished events back with their
+            # attempt unchanged (a shutdown is not a failure of the payload)
+            done = {u.number for u in finals}
+            rest = [
+                e.model_copy(update={"attempt": e.attempt + redeliveries}) for e in rng.events if e.number not in done
+            ]
+            await self._finish_range(job, message, finals, rest)
+            raise
+        await self._finish_range(job, message, finals, rest)
+
+    async def _run_event(self, job: Job, event: EventSpec, attempt: int) -> Outcome | None:
+        """Run one payload; None if its job was cancelled meanwhile."""
+        self.reporter.running(
+            StatusUpdate(
+                job_id=job.spec.job_id,
+                number=event.number,
+                attempt=attempt,
+                status="running",
+                worker=self.id,
+                started_at=now(),
+            )
+        )
+        output = job.work_dir / f"event-{event.number}.out"
+        run = asyncio.create_task(job.runner.run(event.payload, output, job.work_dir))
+        job.running.add(run)
+        try:
+            outcome = await run
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if job.cancelled and task is not None and not task.cancelling():
+                await self._log_event(job, event, attempt, output, "cancelled", None, None, 0.0)
+                return None  # `dispatcher cancel`: the event is already cancelled in the bookkeeping
+            raise
+        finally:
+            job.running.discard(run)
+        took = (outcome.ended_at - outcome.started_at).total_seconds()
+        await self._log_event(job, event, attempt, output, outcome.status, outcome.exit_code, outcome.error, took)
+        return outcome
+
+    async def _settle(self, job: Job, event: EventSpec, attempt: int, outcome: Outcome) -> StatusUpdate:
+        """A finished event, a retry scheduled, or a dead letter: never silence."""
+        if outcome.status == "failed":
+            if attempt < job.spec.max_attempts:
+                delay = retry_delay(job.spec.retry_delay, attempt)
+                retry = EventRange(
+                    workflow_id=job.spec.workflow_id,
                     job_id=job.spec.job_id,
-                    number=event.number,
-                    attempt=attempt,
-                    status="running",
-                    worker=self.id,
-                    started_at=started,
+                    events=[EventSpec(number=event.number, payload=event.payload, attempt=attempt + 1)],
                 )
-            )
-            output = job.work_dir / f"event-{event.number}.out"
-            outcome = await job.runner.run(event.payload, output, job.work_dir)
-            await self._log_event(
-                job,
-                event.number,
-                event.payload,
-                attempt,
-                output,
-                outcome.status,
-                outcome.exit_code,
-                outcome.error,
-                outcome.ended_at - outcome.started_at,
-            )
-            finals.append(
-                StatusUpdate(
-                    job_id=job.spec.job_id,
-                    number=event.number,
-                    attempt=attempt,
-                    status=outcome.status,
-                    worker=self.id,
-                    started_at=outcome.started_at,
-                    ended_at=outcome.ended_at,
-                    exit_code=outcome.exit_code,
-                    error=outcome.error,
+                await self.broker.publish_delayed(job.spec.queue, encode(retry), delay)
+                # the announcement lands right behind the retry: a worker comes back for it
+                await self.broker.publish_delayed(self.names.jobs, encode(job.spec), delay)
+                log.info(
+                    "event retry scheduled",
+                    extra={"job": job.spec.job_id, "event": event.number, "attempt": attempt, "delay": round(delay, 2)},
                 )
+                return self._update(job, event, attempt, outcome, "retrying")
+            return await self._give_up(
+                job, event, attempt, outcome.started_at, outcome.exit_code, outcome.error, ended_at=outcome.ended_at
             )
-        await self.reporter.report(finals)  # confirmed in es.status before the range is acked
+        return self._update(job, event, attempt, outcome, "finished")
+
+    def _update(self, job: Job, event: EventSpec, attempt: int, outcome: Outcome, status: str) -> StatusUpdate:
+        return StatusUpdate(
+            job_id=job.spec.job_id,
+            number=event.number,
+            attempt=attempt,
+            status=status,  # type: ignore[arg-type]
+            worker=self.id,
+            started_at=outcome.started_at,
+            ended_at=outcome.ended_at,
+            exit_code=outcome.exit_code,
+            error=outcome.error,
+        )
+
+    async def _give_up(
+        self,
+        job: Job,
+        event: EventSpec,
+        attempt: int,
+        started: datetime,
+        exit_code: int | None,
+        error: str | None,
+        ended_at: datetime | None = None,
+    ) -> StatusUpdate:
+        dead = DeadLetter(
+            workflow_id=job.spec.workflow_id,
+            job_id=job.spec.job_id,
+            label=job.spec.label,
+            number=event.number,
+            payload=event.payload,
+            attempts=attempt,
+            error=error,
+            worker=self.id,
+            at=now(),
+        )
+        await self.broker.publish(self.names.dlq, encode(dead), headers={"x-reason": (error or "failed")[:1000]})
+        log.warning(
+            "event out of attempts: dead-lettered",
+            extra={"job": job.spec.job_id, "event": event.number, "attempts": attempt},
+        )
+        return StatusUpdate(
+            job_id=job.spec.job_id,
+            number=event.number,
+            attempt=attempt,
+            status="failed",
+            worker=self.id,
+            started_at=started,
+            ended_at=ended_at or now(),
+            exit_code=exit_code,
+            error=error,
+        )
+
+    async def _finish_range(
+        self, job: Job, message: AbstractIncomingMessage, finals: list[StatusUpdate], rest: list[EventSpec]
+    ) -> None:
+        """Give back what did not run, make the statuses safe, then ack the range."""
+        if rest and not job.cancelled:
+            back = EventRange(workflow_id=job.spec.workflow_id, job_id=job.spec.job_id, events=rest)
+            with contextlib.suppress(Exception):  # the job's queue is gone: nothing to give back to
+                await self.broker.publish(job.spec.queue, encode(back))
+                await self.broker.publish(self.names.jobs, encode(job.spec))
+        if finals:
+            await self.reporter.report(finals)  # confirmed in es.status before the range is acked
         with contextlib.suppress(Exception):  # a job deleted meanwhile: nothing left to ack
             await message.ack()
         job.events_done += len(finals)
@@ -254,17 +444,16 @@ class Worker:
     async def _log_event(
         self,
         job: Job,
-        number: int,
-        payload: str,
+        event: EventSpec,
         attempt: int,
         output: Path,
         status: str,
         exit_code: int | None,
         error: str | None,
-        took: object,
+        took: float,
     ) -> None:
-        header = f"=== event {number} attempt {attempt} payload {payload!r} worker {self.id}\n"
-        footer = f"=== event {number} {status} exit_code={exit_code} duration={took}" + (
+        header = f"=== event {event.number} attempt {attempt} payload {event.payload!r} worker {self.id}\n"
+        footer = f"=== event {event.number} {status} exit_code={exit_code} duration={took:.3f}s" + (
             f" error={error.splitlines()[0][:200]!r}\n" if error else "\n"
         )
         async with job.lock:

@@ -5,8 +5,8 @@ INSERT INTO workflows (name, spec, mapping_path) VALUES ($1, $2, $3) RETURNING i
 
 -- name: insert_task
 INSERT INTO tasks (workflow_id, label, event_service, max_payloads_per_job, events_per_range,
-                   max_attempts, request_walltime, payload)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                   max_attempts, request_walltime, payload, retry_delay)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 RETURNING id;
 
 -- name: insert_task_dep
@@ -97,7 +97,7 @@ WHERE status = 'releasing' AND claimed_at < now() - make_interval(secs => $1)
 RETURNING id;
 
 -- name: jobs_to_publish
-SELECT j.id, j.workflow_id, j.task_id, t.label, t.payload, t.events_per_range
+SELECT j.id, j.workflow_id, j.task_id, t.label, t.payload, t.events_per_range, t.max_attempts, t.retry_delay
 FROM jobs j JOIN tasks t ON t.id = j.task_id
 WHERE j.id = ANY($1::bigint[])
 ORDER BY j.id;
@@ -137,8 +137,11 @@ WHERE e.job_id = u.job_id AND e.number = u.number
 RETURNING e.job_id;
 
 -- name: record_attempts
+-- An attempt that failed and is retried was, as an attempt, 'failed'.
 INSERT INTO attempts AS a (job_id, number, attempt, status, worker, started_at, ended_at, exit_code, error)
-SELECT u.* FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::text[],
+SELECT u.job_id, u.number, u.attempt, CASE u.status WHEN 'retrying' THEN 'failed' ELSE u.status END,
+       u.worker, u.started_at, u.ended_at, u.exit_code, u.error
+FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::text[],
                        $6::timestamptz[], $7::timestamptz[], $8::int[], $9::text[])
      AS u(job_id, number, attempt, status, worker, started_at, ended_at, exit_code, error)
 WHERE EXISTS (SELECT 1 FROM events e WHERE e.job_id = u.job_id AND e.number = u.number)
@@ -227,3 +230,88 @@ GROUP BY task_id, status;
 
 -- name: job_counts
 SELECT task_id, status, count(*) AS n FROM jobs WHERE workflow_id = $1 GROUP BY task_id, status;
+
+-- name: unknown_events
+-- Updates that name no event: poison (a job that does not exist here).
+SELECT u.job_id, u.number FROM unnest($1::bigint[], $2::bigint[]) AS u(job_id, number)
+WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.job_id = u.job_id AND e.number = u.number);
+
+-- name: upsert_worker
+INSERT INTO workers AS w (id, host, pid, slots, status, jobs, events_done, started_at, last_seen)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
+ON CONFLICT (id) DO UPDATE SET
+    status = excluded.status, jobs = excluded.jobs, events_done = excluded.events_done, last_seen = now()
+WHERE w.status <> 'stopped';
+
+-- name: mark_lost_workers
+UPDATE workers SET status = 'lost', jobs = '{}'
+WHERE status IN ('live', 'stopping') AND last_seen < now() - make_interval(secs => $1)
+RETURNING id;
+
+-- name: unattended_jobs
+-- Jobs with work that no live worker says it serves (its worker died, or left before a
+-- retry or a returned range arrived).
+SELECT j.id FROM jobs j
+WHERE j.status IN ('queued', 'running')
+  AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.status = 'live' AND j.id = ANY (w.jobs));
+
+-- name: cancel_workflow
+WITH w AS (
+    UPDATE workflows SET status = 'cancelled', finished_at = now()
+    WHERE id = $1 AND status = 'running' RETURNING id
+), t AS (
+    UPDATE tasks SET status = 'cancelled', finished_at = now()
+    WHERE workflow_id IN (SELECT id FROM w) AND status NOT IN ('finished', 'failed', 'cancelled')
+), j AS (
+    UPDATE jobs SET status = 'cancelled', finished_at = now()
+    WHERE workflow_id IN (SELECT id FROM w) AND status NOT IN ('finished', 'failed', 'cancelled')
+    RETURNING id, status
+), e AS (
+    UPDATE events SET status = 'cancelled', ended_at = coalesce(ended_at, now())
+    WHERE job_id IN (SELECT id FROM jobs WHERE workflow_id IN (SELECT id FROM w))
+      AND status NOT IN ('finished', 'failed', 'cancelled')
+)
+-- every statement sees the rows as they were: these are the jobs that had a queue
+SELECT id FROM jobs
+WHERE workflow_id IN (SELECT id FROM w) AND status IN ('releasing', 'queued', 'running');
+
+-- name: dead_event
+SELECT e.status, e.attempt, w.status AS workflow_status
+FROM events e JOIN jobs j ON j.id = e.job_id JOIN workflows w ON w.id = j.workflow_id
+WHERE e.job_id = $1 AND e.number = $2;
+
+-- name: replay_event
+-- The event gets a fresh attempt; its job, task and workflow run again, and the tasks
+-- cancelled because this one failed wait again for it.
+WITH e AS (
+    UPDATE events SET status = 'queued', attempt = $3, replays = replays + 1, error = NULL,
+                      exit_code = NULL, ended_at = NULL
+    WHERE job_id = $1 AND number = $2 AND status = 'failed' AND attempt < $3
+    RETURNING job_id
+), j AS (
+    UPDATE jobs SET status = 'queued', finished_at = NULL
+    WHERE id IN (SELECT job_id FROM e) RETURNING task_id, workflow_id
+), t AS (
+    UPDATE tasks SET status = 'running', finished_at = NULL
+    WHERE id IN (SELECT task_id FROM j) RETURNING workflow_id
+), w AS (
+    UPDATE workflows SET status = 'running', finished_at = NULL
+    WHERE id IN (SELECT workflow_id FROM j) RETURNING id
+)
+SELECT job_id FROM e;
+
+-- name: reopen_cancelled_descendants
+-- After a replay: tasks cancelled only because a parent failed wait again.
+WITH t AS (
+    UPDATE tasks SET status = 'waiting', finished_at = NULL
+    WHERE workflow_id = $1 AND status = 'cancelled' RETURNING id
+), j AS (
+    UPDATE jobs SET status = 'pending', finished_at = NULL
+    WHERE task_id IN (SELECT id FROM t) AND status = 'cancelled' RETURNING id
+)
+UPDATE events SET status = 'ready', ended_at = NULL
+WHERE job_id IN (SELECT id FROM j) AND status = 'cancelled';
+
+-- name: live_workers
+SELECT id, host, pid, slots, status, jobs, events_done, started_at, last_seen FROM workers
+WHERE status IN ('live', 'stopping') ORDER BY id;

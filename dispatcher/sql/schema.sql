@@ -33,6 +33,7 @@ CREATE TABLE tasks (
     released_at           timestamptz,
     started_at            timestamptz,
     finished_at           timestamptz,
+    retry_delay           double precision NOT NULL DEFAULT 2,
     UNIQUE (workflow_id, label)
 );
 
@@ -73,13 +74,14 @@ CREATE TABLE events (
     task_id     bigint NOT NULL,
     payload     text NOT NULL,
     status      text NOT NULL DEFAULT 'ready'
-                CHECK (status IN ('ready', 'queued', 'running', 'finished', 'failed', 'cancelled')),
+                CHECK (status IN ('ready', 'queued', 'running', 'retrying', 'finished', 'failed', 'cancelled')),
     attempt     integer NOT NULL DEFAULT 0,
     worker      text,
     started_at  timestamptz,
     ended_at    timestamptz,
     exit_code   integer,
     error       text,
+    replays     integer NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, number),
     UNIQUE (task_id, number)
 );
@@ -96,4 +98,16 @@ CREATE TABLE attempts (
     error       text,
     PRIMARY KEY (job_id, number, attempt),
     FOREIGN KEY (job_id, number) REFERENCES events ON DELETE CASCADE
+);
+
+CREATE TABLE workers (
+    id           text PRIMARY KEY,
+    host         text NOT NULL,
+    pid          integer NOT NULL,
+    slots        integer NOT NULL,
+    status       text NOT NULL CHECK (status IN ('live', 'stopping', 'stopped', 'lost')),
+    jobs         bigint[] NOT NULL DEFAULT '{}',
+    events_done  bigint NOT NULL DEFAULT 0,
+    started_at   timestamptz NOT NULL,
+    last_seen    timestamptz NOT NULL
 );
