@@ -8,13 +8,14 @@ which is harmless because applying is idempotent (see ``apply_updates`` in the S
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from aio_pika.abc import AbstractIncomingMessage
 
 from dispatcher.broker import Broker
 from dispatcher.finisher import Finisher
-from dispatcher.retry import patiently
+from dispatcher.retry import TRANSIENT, patiently
 from dispatcher.store import Store
 from schemas.messages import MessageError, StatusBatch, decode
 
@@ -81,7 +82,10 @@ class Bookkeeper:
             if bad:  # poison: an update for no event we know; the rest of it was applied
                 reason = f"status for unknown event(s): job {bad[0].job_id} event {bad[0].number}"
                 await self.broker.dead_letter(message.body, reason, source=self.broker.names.status)
-            await message.ack()
+            with contextlib.suppress(*TRANSIENT, RuntimeError):
+                # a channel lost since: RabbitMQ delivers the message again, and applying
+                # it again changes nothing
+                await message.ack()
         self.applied += len(updates)
         # not only the jobs this batch moved: a duplicate may be all that is left of a
         # batch whose finish check was lost in a crash

@@ -13,7 +13,13 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 
 from dispatcher.config import Names, redact
 
@@ -76,9 +82,10 @@ class JobQueue:
             return None
         try:
             return await self._queue.get(no_ack=False, fail=False)
-        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError, RuntimeError):
+        except (aiormq.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError, RuntimeError) as exc:
             # the job ended and its queue was deleted (RabbitMQ closes the channel for
             # every slot getting from it), or the connection dropped: nothing to take now
+            log.debug("get from a job queue failed", extra={"queue": self._queue.name, "error": repr(exc)})
             return None
 
     async def close(self) -> None:
@@ -90,22 +97,49 @@ class JobQueue:
 
 
 class Broker:
-    def __init__(self, connection: AbstractRobustConnection, names: Names) -> None:
+    """Two connections: a robust one, which aio-pika restores after a broker restart with
+    its consumers and the fixed topology, for consuming and publishing; and a plain one,
+    opened again on demand, for short-lived work (a job's queue, passive checks), which
+    a restore must not replay (it would re-create deleted job queues)."""
+
+    def __init__(self, connection: AbstractRobustConnection, names: Names, url: str, client: str) -> None:
         self.connection = connection
         self.names = names
+        self._url = url
+        self._client = client
         self._publisher: AbstractChannel | None = None
         self._reopen = asyncio.Lock()
+        self._plain: AbstractConnection | None = None
+        self._admin: AbstractChannel | None = None
 
     @classmethod
     async def connect(cls, url: str, names: Names, *, client: str = "dispatcher") -> Broker:
         log.info("connecting to RabbitMQ", extra={"url": redact(url)})
         connection = await aio_pika.connect_robust(url, client_properties={"connection_name": client})
-        broker = cls(connection, names)
+        broker = cls(connection, names, url, client)
         await broker._channel()
         return broker
 
     async def close(self) -> None:
+        if self._plain is not None and not self._plain.is_closed:
+            await self._plain.close()
         await self.connection.close()
+
+    async def channel(self) -> AbstractChannel:
+        """A channel of its own on the plain connection (close it when done)."""
+        async with self._reopen:
+            if self._plain is not None and not self._plain.is_closed:
+                try:
+                    return await self._plain.channel()
+                except (aiormq.exceptions.AMQPError, RuntimeError):
+                    pass  # lost with the broker: connect again below
+            self._plain = await aio_pika.connect(self._url, client_properties={"connection_name": self._client})
+            return await self._plain.channel()
+
+    async def _admin_channel(self) -> AbstractChannel:
+        if self._admin is None or self._admin.is_closed:
+            self._admin = await self.channel()
+        return self._admin
 
     async def declare_topology(self) -> None:
         """Declare every fixed queue and exchange (idempotent; all parties call it)."""
@@ -194,7 +228,7 @@ class Broker:
     # -- queues -----------------------------------------------------------------------
 
     async def declare_job_queue(self, name: str) -> None:
-        ch = await self._channel()
+        ch = await self._admin_channel()
         await ch.declare_queue(
             name,
             durable=True,
@@ -207,12 +241,12 @@ class Broker:
         )
 
     async def delete_queue(self, name: str) -> None:
-        ch = await self._channel()
+        ch = await self._admin_channel()
         await ch.queue_delete(name)
 
     async def queue_depth(self, name: str) -> int | None:
         """Messages ready in a queue, or None if it does not exist."""
-        ch = await self.connection.channel()
+        ch = await self.channel()
         try:
             queue = await ch.declare_queue(name, passive=True)
             return queue.declaration_result.message_count
@@ -223,7 +257,7 @@ class Broker:
                 await ch.close()
 
     async def open_job(self, name: str) -> JobQueue:
-        ch = await self.connection.channel()
+        ch = await self.channel()
         queue = await ch.get_queue(name, ensure=False)
         return JobQueue(ch, queue)
 
@@ -231,7 +265,9 @@ class Broker:
         """Consume with bounded prefetch; returns a coroutine function that stops it."""
         ch = await self.connection.channel()
         await ch.set_qos(prefetch_count=prefetch)
-        queue = await ch.get_queue(queue_name, ensure=False)
+        # declared (not just looked up) so that the robust channel restores the queue and
+        # its consumer after a broker restart
+        queue = await ch.declare_queue(queue_name, durable=True)
         tag = await queue.consume(handler, no_ack=False)
 
         async def stop() -> None:
@@ -244,7 +280,7 @@ class Broker:
     async def announcements(self) -> Announcements:
         ch = await self.connection.channel()
         await ch.set_qos(prefetch_count=1)
-        return Announcements(await ch.get_queue(self.names.jobs, ensure=False))
+        return Announcements(await ch.declare_queue(self.names.jobs, durable=True))
 
 
 class Announcements:

@@ -119,6 +119,8 @@ class ControlPlane:
                 await self.find_lost_work()
             except TRANSIENT as exc:
                 log.warning("watchdog skipped a round: service unavailable", extra={"error": repr(exc)})
+            except Exception:  # the watchdog is the safety net: it must outlive any bug
+                log.exception("watchdog round failed")
 
     async def find_lost_work(self) -> list[int]:
         """Announce again every job that has ranges waiting and no live worker serving it

@@ -25,5 +25,6 @@ def setup(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("aio_pika", "aiormq"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if level != "DEBUG":  # their INFO is chatty; at DEBUG we want to see everything
+        for noisy in ("aio_pika", "aiormq"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -58,7 +58,7 @@ class Outcome:
 async def replay(
     store: Store, broker: Broker, selector: Selector, *, limit: int | None = None, dry_run: bool = False
 ) -> list[Outcome]:
-    ch = await broker.connection.channel()
+    ch = await broker.channel()
     dlq = await ch.get_queue(broker.names.dlq, ensure=False)
     depth = await broker.queue_depth(broker.names.dlq) or 0
     held: list[AbstractIncomingMessage] = []  # go back to the DLQ at the end

@@ -23,6 +23,7 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now
     aiormq.exceptions.AMQPError,
     aio_pika.exceptions.ChannelInvalidStateError,
+    RuntimeError,  # aio-pika: "Connection was not opened" / "... closed" while reconnecting
 )
 
 

@@ -165,6 +165,9 @@ class Store:
                 log.info(
                     "task cancelled: a parent did not finish", extra={"task": r["label"], "workflow": r["workflow_id"]}
                 )
+            if cancelled:  # that may have been all its workflow was waiting for
+                for w in await conn.fetch(q("finish_workflows"), list({r["workflow_id"] for r in cancelled})):
+                    log.info("workflow ended", extra={"workflow": w["id"], "status": w["status"]})
             released: list[asyncpg.Record] = await conn.fetch(q("release_ready_tasks"))
             return released
 

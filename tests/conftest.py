@@ -134,6 +134,7 @@ def settings(services: Services, database: str, names: Names, tmp_path: Path) ->
         work_dir=tmp_path / "work",
         log_dir=tmp_path / "logs",
         batch_linger=0.01,
+        heartbeat_interval=0.5,  # lost workers are found within 1.5 s
     )
 
 

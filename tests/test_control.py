@@ -130,7 +130,7 @@ async def test_poison_status_message_is_dead_lettered_with_its_reason(
 ) -> None:
     await broker.publish(broker.names.status, b'{"v": 7, "kind": "status"}')
     await broker.publish(broker.names.status, b"\xff garbage")
-    ch = await broker.connection.channel()
+    ch = await broker.channel()
     dlq = await ch.get_queue(broker.names.dlq, ensure=False)
     reasons = []
     for _ in range(2):

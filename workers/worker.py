@@ -29,6 +29,7 @@ from pathlib import Path
 from aio_pika.abc import AbstractIncomingMessage
 
 from dispatcher.broker import MAX_REDELIVERIES, Announcements, Broker, JobQueue
+from dispatcher.retry import TRANSIENT
 from schemas.messages import (
     CancelJobs,
     DeadLetter,
@@ -136,10 +137,10 @@ class Worker:
             await self.reporter.flush()
             reporter.cancel()
         stopper.cancel()
-        for task in [reporter, *slots]:
-            with contextlib.suppress(asyncio.CancelledError):
-                if task.exception():
-                    raise task.exception()  # type: ignore[misc]
+        await asyncio.gather(reporter, heartbeat, stopper, return_exceptions=True)
+        for task in [reporter, *slots]:  # a failure, not a stop: let the caller see it
+            if not task.cancelled() and task.exception():
+                raise task.exception()  # type: ignore[misc]
         log.info("worker stopped", extra={"worker": self.id, "events": self.events_done})
 
     # -- heartbeats and control -------------------------------------------------------
@@ -178,13 +179,24 @@ class Worker:
     # -- finding work -----------------------------------------------------------------
 
     async def _slot(self) -> None:
+        pause = 0.25
         while not self._stopping:
-            got = await self._next_range()
+            try:
+                got = await self._next_range()
+            except TRANSIENT as exc:  # the broker is away: the robust connection comes back
+                log.warning("slot waiting for the broker", extra={"error": repr(exc), "retry_in": pause})
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
+                continue
+            pause = 0.25
             if got is None:
                 return
             job, message = got
             try:
                 await self._run_range(job, message)
+            except TRANSIENT as exc:
+                # unacked: RabbitMQ delivers the range again once its channel is gone
+                log.warning("range abandoned: broker unavailable", extra={"job": job.spec.job_id, "error": repr(exc)})
             finally:
                 job.in_flight -= 1
                 if job.drained and job.in_flight == 0:

@@ -1,0 +1,33 @@
+"""Payload functions for the tests (``payloadFunction: tests.payloads:NAME``).
+
+State that must survive a worker's death lives in marker files, named by the payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+
+def noop(payload: str) -> None:
+    return None
+
+
+def flaky(payload: str) -> str:
+    """``ok:X`` succeeds; ``once:PATH`` fails the first time (creates PATH);
+    ``until:PATH`` fails until PATH exists."""
+    kind, _, arg = payload.partition(":")
+    if kind == "once":
+        marker = Path(arg)
+        if not marker.exists():
+            marker.write_text("failed once")
+            raise RuntimeError(f"first try of {arg} fails")
+    elif kind == "until" and not Path(arg).exists():
+        raise ValueError(f"not fixed yet: {arg}")
+    return f"done {payload}"
+
+
+async def sleepy(payload: str) -> str:
+    """``SECONDS`` or ``SECONDS:anything``: sleeps, then succeeds."""
+    await asyncio.sleep(float(payload.split(":")[0]))
+    return f"slept {payload}"
