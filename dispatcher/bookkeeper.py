@@ -17,7 +17,7 @@ from dispatcher.broker import Broker
 from dispatcher.finisher import Finisher
 from dispatcher.retry import TRANSIENT, patiently
 from dispatcher.store import Store
-from schemas.messages import MessageError, StatusBatch, decode
+from schemas.messages import StatusBatch
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,8 @@ class Bookkeeper:
         await self._stop()
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        try:
-            batch = decode(message.body, StatusBatch)
-        except MessageError as exc:
-            await self.broker.dead_letter(message.body, str(exc), source=self.broker.names.status)
-            await message.ack()
+        batch = await self.broker.decode_or_dead_letter(message, StatusBatch, source=self.broker.names.status)
+        if batch is None:
             return
         self._pending.append((message, batch))
         self._count += len(batch.updates) + len(batch.logs)

@@ -22,6 +22,7 @@ from aio_pika.abc import (
 )
 
 from dispatcher.config import Names, redact
+from schemas.messages import M, MessageError, decode
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,16 @@ class Broker:
     async def publish_many(self, items: Iterable[tuple[str, bytes]]) -> None:
         """Publish concurrently (confirms are pipelined), waiting for every confirm."""
         await asyncio.gather(*(self.publish(key, body) for key, body in items))
+
+    async def decode_or_dead_letter(self, message: AbstractIncomingMessage, model: type[M], *, source: str) -> M | None:
+        """The message as ``model``; a poison message goes to es.dlq with the reason
+        (and is acked), and None is returned: it is never executed, never retried."""
+        try:
+            return decode(message.body, model)
+        except MessageError as exc:
+            await self.dead_letter(message.body, str(exc), source=source)
+            await message.ack()
+            return None
 
     async def dead_letter(self, body: bytes, reason: str, *, source: str) -> None:
         log.warning("dead-lettering a message", extra={"reason": reason, "source": source})

@@ -17,7 +17,7 @@ from dispatcher.finisher import Finisher
 from dispatcher.releaser import Releaser
 from dispatcher.retry import TRANSIENT, patiently
 from dispatcher.store import Store
-from schemas.messages import DeadLetter, EventRange, MessageError, StatusUpdate, decode, encode
+from schemas.messages import DeadLetter, EventRange, StatusUpdate, encode
 from workers.payload import now
 
 log = logging.getLogger(__name__)
@@ -142,11 +142,8 @@ class ControlPlane:
     async def _on_dead_range(self, message: AbstractIncomingMessage) -> None:
         """A range RabbitMQ dead-lettered at its delivery limit: its events fail, each
         with a dead letter, so none stays 'running' in the bookkeeping."""
-        try:
-            rng = decode(message.body, EventRange)
-        except MessageError as exc:
-            await self.broker.dead_letter(message.body, str(exc), source=self.broker.names.dead_ranges)
-            await message.ack()
+        rng = await self.broker.decode_or_dead_letter(message, EventRange, source=self.broker.names.dead_ranges)
+        if rng is None:
             return
         jobs = await patiently(lambda: self.store.jobs_to_publish([rng.job_id]), what="dead range")
         label = jobs[0].label if jobs else "?"

@@ -182,3 +182,25 @@ async def test_restarted_control_plane_announces_queued_jobs_again(
     ann = decode(await get_one(broker, broker.names.jobs) or b"", JobAnnouncement)
     assert ann.label == "pipeinit"
     assert await store.pool.fetchval("SELECT count(*) FROM jobs WHERE status = 'queued'") == 1
+
+
+async def test_status_for_an_unknown_job_is_dead_lettered(control: ControlPlane, store: Store, broker: Broker) -> None:
+    await submit(store, EXAMPLES / "rubin-isr.yaml")
+    ann = decode(await eventually(lambda: get_one(broker, broker.names.jobs)), JobAnnouncement)
+    batch = StatusBatch(
+        worker="w",
+        updates=[
+            StatusUpdate(job_id=ann.job_id, number=0, attempt=1, status="finished", worker="w", ended_at=T0),
+            StatusUpdate(job_id=987654, number=3, attempt=1, status="finished", worker="w", ended_at=T0),
+        ],
+    )
+    await broker.publish(broker.names.status, encode(batch))
+    ch = await broker.channel()
+    dlq = await ch.get_queue(broker.names.dlq, ensure=False)
+    msg = await eventually(lambda: dlq.get(fail=False), what="a dead letter")
+    await msg.ack()
+    await ch.close()
+    assert "unknown event(s): job 987654 event 3" in msg.headers["x-reason"]
+    assert decode(msg.body, StatusBatch) == batch  # kept whole, for a person to read
+    # the known update in the same message was applied
+    assert await store.pool.fetchval("SELECT status FROM events WHERE job_id = $1", ann.job_id) == "finished"

@@ -135,6 +135,10 @@ async def test_rubin_workflow_end_to_end(
         [str(BIN / "dispatcher"), "status", str(wf), "--json"], env=env, capture_output=True, check=True
     )
     data = orjson.loads(status.stdout)
+    # SIGTERM: the control plane and the workers stop cleanly (exit 0)
+    for p in processes:
+        p.send_signal(signal.SIGTERM)
+    assert [p.wait(timeout=30) for p in processes] == [0, 0, 0]
     assert [(t["label"], t["status"], t["events"]) for t in data["tasks"]] == [
         ("pipeinit", "finished", {"finished": 1}),
         ("isr", "finished", {"finished": 1000}),

@@ -167,7 +167,8 @@ async def assert_consistent(store: Store) -> None:
         "SELECT e.status, e.attempt, a.status AS attempt_status, "
         "(SELECT count(*) FROM attempts x WHERE x.job_id = e.job_id AND x.number = e.number) AS n, "
         "(SELECT max(attempt) FROM attempts x WHERE x.job_id = e.job_id AND x.number = e.number) AS last "
-        "FROM events e LEFT JOIN attempts a ON a.job_id = e.job_id AND a.number = e.number AND a.attempt = e.attempt")
+        "FROM events e LEFT JOIN attempts a ON a.job_id = e.job_id AND a.number = e.number AND a.attempt = e.attempt"
+    )
     assert rows
     for r in rows:
         assert r["status"] in ("finished", "failed", "cancelled"), dict(r)
@@ -348,4 +349,54 @@ async def test_grace_period_over_stops_the_payload_and_gives_it_back(
     await cluster.worker(slots=1)
     assert await wait_workflow(store, wf) == "finished"
     assert await store.pool.fetchval("SELECT attempt FROM events") == 1
+    await assert_consistent(store)
+
+
+async def test_a_range_that_keeps_killing_workers_is_given_up_with_a_dead_letter(
+    cluster: Cluster, store: Store, broker: Broker, tmp_path: Path
+) -> None:
+    wf = await submit(store, write_workflow(tmp_path, {"isr": ["ok:1", "ok:2"]}, per_job=2))
+    job_id = await store.pool.fetchval("SELECT id FROM jobs")
+    await eventually(lambda: broker.queue_depth(broker.names.job(job_id)), what="the job's ranges")
+    # three deliveries that never came back (as when each one killed its worker): the
+    # quorum queue counts them in x-delivery-count
+    for _ in range(3):
+        jq = await broker.open_job(broker.names.job(job_id))
+        message = await jq.get()
+        assert message is not None
+        await message.nack(requeue=True)
+        await jq.close()
+    await cluster.worker(slots=1)
+    assert await wait_workflow(store, wf) == "failed"
+    rows = {
+        r["payload"]: (r["status"], r["attempt"], r["error"])
+        for r in await store.pool.fetch("SELECT payload, status, attempt, error FROM events")
+    }
+    failed = [p for p, (status, _, _) in rows.items() if status == "failed"]
+    assert len(failed) == 1  # only the range that was redelivered; the other event ran
+    _, attempt, error = rows[failed[0]]
+    assert attempt == 4 and "keeps killing workers" in error
+    [dead] = await dead_letters(broker)
+    assert dead.payload == failed[0] and "keeps killing workers" in (dead.error or "")
+    await assert_no_job_queues(store, broker, wf)
+
+
+async def test_replay_killed_after_the_bookkeeping_step_publishes_on_the_next_run(
+    cluster: Cluster, store: Store, broker: Broker, tmp_path: Path
+) -> None:
+    fixed = tmp_path / "fixed"
+    wf = await submit(store, write_workflow(tmp_path, {"isr": [f"until:{fixed}"]}, retries=0))
+    await cluster.worker(slots=1)
+    assert await wait_workflow(store, wf) == "failed"
+    [dead] = await dead_letters(broker)
+    fixed.write_text("yes")
+    # a replay that died right after giving the event its fresh attempt in Postgres,
+    # before republishing: the dead letter is still in the DLQ, nothing is in the queue
+    assert await store.replay_event(wf, dead.job_id, dead.number, dead.attempts + 1)
+    assert (await events(store))[f"until:{fixed}"] == ("queued", 2)
+    outcomes = await replay(store, broker, Selector())
+    assert [o.action for o in outcomes] == ["replayed"]
+    assert await wait_workflow(store, wf) == "finished"
+    assert (await events(store))[f"until:{fixed}"] == ("finished", 2)
+    assert await dead_letters(broker) == []
     await assert_consistent(store)

@@ -232,11 +232,8 @@ class Worker:
     async def _take_announcement(self) -> None:
         assert self._announcements is not None
         message = await self._announcements.next()
-        try:
-            spec = decode(message.body, JobAnnouncement)
-        except MessageError as exc:
-            await self.broker.dead_letter(message.body, str(exc), source=self.names.jobs)
-            await message.ack()
+        spec = await self.broker.decode_or_dead_letter(message, JobAnnouncement, source=self.names.jobs)
+        if spec is None:
             return
         job = self.jobs.get(spec.job_id)
         if job is not None:
@@ -287,12 +284,13 @@ class Worker:
     # -- running a range --------------------------------------------------------------
 
     async def _run_range(self, job: Job, message: AbstractIncomingMessage) -> None:
-        try:
-            rng = decode(message.body, EventRange)
-            if rng.job_id != job.spec.job_id:
-                raise MessageError(f"range of job {rng.job_id} in the queue of job {job.spec.job_id}")
-        except MessageError as exc:
-            await self.broker.dead_letter(message.body, str(exc), source=job.spec.queue)
+        rng = await self.broker.decode_or_dead_letter(message, EventRange, source=job.spec.queue)
+        if rng is None:
+            return
+        if rng.job_id != job.spec.job_id:
+            await self.broker.dead_letter(
+                message.body, f"range of job {rng.job_id} in the queue of job {job.spec.job_id}", source=job.spec.queue
+            )
             await message.ack()
             return
         # a range redelivered after a worker died counts as a new attempt of its events
