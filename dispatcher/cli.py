@@ -73,27 +73,79 @@ def main(log_level: str) -> None:
     logs.setup(log_level.upper())
 
 
+def monitor_options(func: F) -> F:
+    func = click.option(
+        "--monitor-port", type=int, default=None, help="Monitor port [env DISPATCHER_MONITOR_PORT, default 8321]."
+    )(func)
+    func = click.option(
+        "--monitor-host", default=None, help="Monitor address [env DISPATCHER_MONITOR_HOST, default 127.0.0.1]."
+    )(func)
+    return func
+
+
+def monitor_app(settings: Settings, store: Store, broker: Any) -> Any:
+    from dispatcher.monitor import MonitorConfig, create_app
+
+    config = MonitorConfig(token=settings.monitor_token, read_token=settings.monitor_read_token)
+    return create_app(store, broker, config)
+
+
 @main.command()
 @connection_options
+@monitor_options
 @click.option(
     "--release-window",
     type=click.IntRange(min=1),
     default=None,
     help="Jobs with a queue at one time [env DISPATCHER_RELEASE_WINDOW, default 1000].",
 )
-def start(release_window: int | None, **conn: Any) -> None:
-    """Run the control plane: releaser, bookkeeper, finisher (stop with Ctrl-C/SIGTERM)."""
+@click.option("--no-monitor", is_flag=True, help="Do not serve the monitor.")
+def start(
+    release_window: int | None, monitor_host: str | None, monitor_port: int | None, no_monitor: bool, **conn: Any
+) -> None:
+    """Run the control plane: releaser, bookkeeper, finisher, and the monitor (stop with Ctrl-C/SIGTERM)."""
     from dispatcher.control import ControlPlane
+    from dispatcher.monitor import serve
 
-    settings = settings_from(**conn, release_window=release_window)
+    settings = settings_from(
+        **conn, release_window=release_window, monitor_host=monitor_host, monitor_port=monitor_port
+    )
 
     async def go() -> int:
         stop = stop_on_signals()
         control = await ControlPlane.connect(settings)
         try:
-            await control.run(stop)
+            if no_monitor:
+                await control.run(stop)
+            else:
+                app = monitor_app(settings, control.store, control.broker)
+                await asyncio.gather(control.run(stop), serve(app, settings.monitor_host, settings.monitor_port, stop))
         finally:
             await control.close()
+        return 0
+
+    run_async(go())
+
+
+@main.command()
+@connection_options
+@monitor_options
+def monitor(monitor_host: str | None, monitor_port: int | None, **conn: Any) -> None:
+    """Serve the monitor alone (pages, JSON API, /metrics) from the bookkeeping."""
+    from dispatcher.broker import Broker
+    from dispatcher.monitor import serve
+
+    settings = settings_from(**conn, monitor_host=monitor_host, monitor_port=monitor_port)
+
+    async def go() -> int:
+        stop = stop_on_signals()
+        store = await Store.connect(settings.database_url)
+        broker = await Broker.connect(settings.amqp_url, settings.names, client="dispatcher-monitor")
+        try:
+            await serve(monitor_app(settings, store, broker), settings.monitor_host, settings.monitor_port, stop)
+        finally:
+            await broker.close()
+            await store.close()
         return 0
 
     run_async(go())
@@ -207,9 +259,12 @@ async def wait_for_workflow(store: Store, workflow_id: int) -> int:
 @connection_options
 @click.argument("workflow_id", type=int, required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(workflow_id: int | None, as_json: bool, **conn: Any) -> None:
+@click.option("--watch", is_flag=True, help="Live progress bars until the workflow ends (Ctrl-C to leave).")
+def status(workflow_id: int | None, as_json: bool, watch: bool, **conn: Any) -> None:
     """Per task: events by state and jobs by state (latest workflows without an id)."""
     settings = settings_from(**conn)
+    if watch and (workflow_id is None or as_json):
+        raise click.UsageError("--watch needs a WORKFLOW_ID and no --json")
 
     async def go() -> int:
         store = await Store.connect(settings.database_url, max_size=1)
@@ -227,6 +282,10 @@ def status(workflow_id: int | None, as_json: bool, **conn: Any) -> None:
             if st is None:
                 click.echo(f"error: no workflow {workflow_id}", err=True)
                 return 2
+            if watch:
+                from dispatcher.watch import watch_workflow
+
+                return await watch_workflow(store, workflow_id)
             click.echo(orjson.dumps(st, option=orjson.OPT_INDENT_2).decode() if as_json else render(st))
             return 0
         finally:

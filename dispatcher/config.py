@@ -65,6 +65,11 @@ class Settings:
     batch_linger: float = 0.05
     # workers report every heartbeat_interval; one silent for 3 intervals is lost
     heartbeat_interval: float = 5.0
+    # the monitor: loopback unless told otherwise; actions need the token
+    monitor_host: str = "127.0.0.1"
+    monitor_port: int = 8321
+    monitor_token: str | None = None
+    monitor_read_token: str | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -78,6 +83,10 @@ class Settings:
             log_dir=Path(env.get("DISPATCHER_LOG_DIR", str(work_dir.parent / "logs"))),
             release_window=int(env.get("DISPATCHER_RELEASE_WINDOW", "1000")),
             heartbeat_interval=float(env.get("DISPATCHER_HEARTBEAT_INTERVAL", "5")),
+            monitor_host=env.get("DISPATCHER_MONITOR_HOST", "127.0.0.1"),
+            monitor_port=int(env.get("DISPATCHER_MONITOR_PORT", "8321")),
+            monitor_token=env.get("DISPATCHER_MONITOR_TOKEN") or None,
+            monitor_read_token=env.get("DISPATCHER_MONITOR_READ_TOKEN") or None,
         )
 
     def override(self, **changes: object) -> Settings:

@@ -307,6 +307,16 @@ class Store:
             by_task[r["task_id"]]["jobs"][r["status"]] = r["n"]
         return {**_jsonable(wf), "tasks": list(by_task.values())}
 
+    # -- monitor ----------------------------------------------------------------------
+
+    async def fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
+        """Rows of a named query as dicts (the monitor's reads)."""
+        return [dict(r) for r in await self.pool.fetch(q(query), *args)]
+
+    async def fetchrow(self, query: str, *args: Any) -> dict[str, Any] | None:
+        row = await self.pool.fetchrow(q(query), *args)
+        return dict(row) if row is not None else None
+
     async def latest_workflows(self, limit: int = 20) -> list[dict[str, Any]]:
         return [_jsonable(r) for r in await self.pool.fetch(q("latest_workflows"), limit)]
 

@@ -3,6 +3,7 @@
 set -euo pipefail
 EXTRAS=test source "$(dirname "$0")/setup.sh"
 cd "$ROOT"
+"$ROOT/scripts/install-browser.sh"  # Debian's chromium, for the monitor's browser test
 
 say "ruff"
 ruff check .

@@ -35,6 +35,7 @@ def cli_env(settings: Settings) -> dict[str, str]:
         DISPATCHER_QUEUE_PREFIX=settings.names.prefix,
         DISPATCHER_WORK_DIR=str(settings.work_dir),
         DISPATCHER_LOG_DIR=str(settings.log_dir),
+        DISPATCHER_MONITOR_PORT="0",  # any free port: tests never fight over one
     )
     return env
 

@@ -208,13 +208,20 @@ class Worker:
             for job in list(self.jobs.values()):
                 if job.drained:
                     continue
-                message = await job.queue.get()
+                # counted before the get: a slot that finds the queue empty must not tear
+                # the job down (closing its channel) under a range another slot just got
+                job.in_flight += 1
+                try:
+                    message = await job.queue.get()
+                except BaseException:
+                    job.in_flight -= 1
+                    raise
                 if message is None:
+                    job.in_flight -= 1
                     job.drained = True
                     if job.in_flight == 0:
                         await self._teardown(job)
                     continue
-                job.in_flight += 1
                 if not job.invited and (message.message_count or 0) > 0:
                     job.invited = True  # more ranges than we take at once: let an idle worker join
                     await self.broker.publish(self.names.jobs, encode(job.spec))

@@ -315,3 +315,65 @@ WHERE job_id IN (SELECT id FROM j) AND status = 'cancelled';
 -- name: live_workers
 SELECT id, host, pid, slots, status, jobs, events_done, started_at, last_seen FROM workers
 WHERE status IN ('live', 'stopping') ORDER BY id;
+
+-- Monitor ------------------------------------------------------------------------------
+
+-- name: monitor_workflows
+SELECT w.id, w.name, w.status, w.n_events, w.submitted_at, w.finished_at,
+       coalesce((SELECT jsonb_object_agg(c.status, c.n) FROM (
+           SELECT e.status, count(*) AS n FROM events e
+           WHERE e.task_id IN (SELECT id FROM tasks WHERE workflow_id = w.id) GROUP BY e.status) c), '{}') AS events
+FROM workflows w ORDER BY w.id DESC LIMIT $1;
+
+-- name: monitor_task_deps
+SELECT d.task_id, p.label AS parent FROM task_deps d JOIN tasks p ON p.id = d.parent_id
+WHERE p.workflow_id = $1 ORDER BY d.task_id, p.id;
+
+-- name: monitor_jobs
+SELECT j.id, t.label, j.seq, j.status, j.n_events, j.first_number, j.last_number, j.log_path,
+       j.queued_at, j.started_at, j.finished_at
+FROM jobs j JOIN tasks t ON t.id = j.task_id
+WHERE j.workflow_id = $1 AND j.id > $2 AND ($3::text IS NULL OR j.status = $3)
+ORDER BY j.id LIMIT $4;
+
+-- name: monitor_job
+SELECT j.id, j.workflow_id, w.name AS workflow, j.task_id, t.label, j.seq, j.status, j.n_events,
+       j.first_number, j.last_number, j.walltime, j.log_path, j.queued_at, j.started_at, j.finished_at
+FROM jobs j JOIN tasks t ON t.id = j.task_id JOIN workflows w ON w.id = j.workflow_id
+WHERE j.id = $1;
+
+-- name: monitor_job_counts
+SELECT status, count(*) AS n FROM events WHERE job_id = $1 GROUP BY status;
+
+-- name: monitor_job_events
+-- Keyset pagination over the primary key: as fast on page 1,000 as on page 1.
+SELECT number, payload, status, attempt, worker, started_at, ended_at, exit_code, error, replays
+FROM events
+WHERE job_id = $1 AND number > $2 AND ($3::text IS NULL OR status = $3)
+ORDER BY number LIMIT $4;
+
+-- name: monitor_task_events
+SELECT job_id, number, payload, status, attempt, worker, started_at, ended_at, exit_code, error, replays
+FROM events
+WHERE task_id = $1 AND number > $2 AND ($3::text IS NULL OR status = $3)
+ORDER BY number LIMIT $4;
+
+-- name: monitor_failed_events
+SELECT j.workflow_id, t.label, e.job_id, e.number, e.payload, e.attempt, e.worker, e.ended_at, e.error
+FROM events e JOIN jobs j ON j.id = e.job_id JOIN tasks t ON t.id = e.task_id
+WHERE e.status = 'failed' AND ($1::bigint IS NULL OR j.workflow_id = $1)
+ORDER BY j.workflow_id, e.job_id, e.number LIMIT $2;
+
+-- name: monitor_workers
+SELECT id, host, pid, slots, status, jobs, events_done, started_at, last_seen FROM workers
+WHERE status IN ('live', 'stopping') OR last_seen > now() - interval '1 hour'
+ORDER BY status, id;
+
+-- name: metrics_events
+SELECT status, count(*) AS n FROM events GROUP BY status;
+
+-- name: metrics_attempts
+SELECT count(*) FILTER (WHERE attempt > 1) AS retries, count(*) AS attempts FROM attempts;
+
+-- name: metrics_workers
+SELECT status, count(*) AS n FROM workers GROUP BY status;

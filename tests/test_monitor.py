@@ -1,0 +1,227 @@
+"""The monitor's JSON API, pages and metrics against a real database holding a finished
+and a running workflow; and the job page in real headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from dispatcher.broker import Broker
+from dispatcher.monitor import MonitorConfig, create_app, serve
+from dispatcher.store import Store
+from dispatcher.submit import submit
+from schemas.messages import Heartbeat, StatusUpdate
+from tests.conftest import ROOT
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+EVIL = "<script>alert('x')</script>"
+TOKEN = "s3cret-token"
+
+
+@dataclass
+class World:
+    finished: int  # a finished workflow
+    running: int  # a running one: 1 event running, 1 failed, the rest queued
+    job: int  # the running workflow's first job
+    evil_number: int
+
+
+def workflow_file(tmp_path: Path, name: str, payloads: list[str], per_job: int = 3) -> Path:
+    (tmp_path / f"{name}.json").write_text(json.dumps({
+        "a": {str(i): p for i, p in enumerate(payloads)}, "b": {"0": "b0"}}))
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": name, "mapping": f"{name}.json", "enableEventService": "a", "maxEventsPerJob": per_job,
+        "pipetask": {"a": {"payloadCommand": "echo {payload}"},
+                     "b": {"payloadCommand": "echo {payload}", "dependsOn": "a"}}}))
+    return path
+
+
+async def run_all(store: Store, wf: int, fail: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+    """Drive a workflow through the real bookkeeping path, as workers' reports would."""
+    while True:
+        await store.release_ready_tasks()
+        jobs = await store.claim_jobs(window=100)
+        if not jobs:
+            break
+        await store.mark_jobs_queued(jobs)
+        updates = [StatusUpdate(job_id=j, number=r["number"], attempt=1, worker="w1", started_at=T0, ended_at=T0,
+                                status="failed" if r["number"] in fail else "finished", exit_code=0)
+                   for j in jobs for r in await store.job_events(j)]
+        await store.apply(updates)
+        await store.finish(jobs)
+
+
+@pytest.fixture
+async def world(store: Store, tmp_path: Path) -> World:
+    done = await submit(store, workflow_file(tmp_path, "done", [f"p{i}" for i in range(5)]))
+    await run_all(store, done)
+    running = await submit(store, workflow_file(tmp_path, "busy", ["x0", EVIL, "x2", "x3", "x4", "x5", "x6"]))
+    await store.release_ready_tasks()
+    jobs = await store.claim_jobs(window=100)
+    await store.mark_jobs_queued(jobs)
+    first = min(jobs)
+    await store.apply([
+        StatusUpdate(job_id=first, number=0, attempt=1, status="running", worker="w1", started_at=T0),
+        StatusUpdate(job_id=first + 1, number=3, attempt=2, status="failed", worker="w1", started_at=T0,
+                     ended_at=T0, exit_code=2, error="boom <b>bold</b>"),
+    ], heartbeats=[("w1", Heartbeat(host="h1", pid=7, slots=2, state="live", jobs=[first], events_done=3,
+                                    started_at=T0))])
+    return World(finished=done, running=running, job=first, evil_number=1)
+
+
+@pytest.fixture
+async def client(store: Store, broker: Broker) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(store, broker, MonitorConfig(token=TOKEN))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://monitor") as c:
+        yield c
+
+
+async def test_workflows_and_their_tasks(client: httpx.AsyncClient, world: World) -> None:
+    r = await client.get("/api/workflows")
+    assert r.status_code == 200
+    by_id = {w["id"]: w for w in r.json()}
+    assert by_id[world.finished]["status"] == "finished"
+    assert by_id[world.finished]["events"] == {"finished": 6} and by_id[world.finished]["done"] == 6
+    assert by_id[world.running]["status"] == "running"
+    assert by_id[world.running]["events"] == {"running": 1, "failed": 1, "queued": 5, "ready": 1}
+    detail = (await client.get(f"/api/workflows/{world.running}")).json()
+    assert [(t["label"], t["status"], t["parents"]) for t in detail["tasks"]] == [
+        ("a", "running", []), ("b", "waiting", ["a"])]
+    assert [j["n_events"] for j in detail["jobs"]] == [3, 3, 1, 1]
+    assert (await client.get("/api/workflows/999999")).status_code == 404
+
+
+async def test_job_events_are_paginated_and_filtered(client: httpx.AsyncClient, world: World) -> None:
+    job = (await client.get(f"/api/jobs/{world.job}")).json()
+    assert job["events"] == {"running": 1, "queued": 2} and job["label"] == "a"
+    first = (await client.get(f"/api/jobs/{world.job}/events", params={"limit": 2})).json()
+    assert [e["number"] for e in first["events"]] == [0, 1] and first["next"] == 1
+    second = (await client.get(f"/api/jobs/{world.job}/events", params={"limit": 2, "after": 1})).json()
+    assert [e["number"] for e in second["events"]] == [2] and second["next"] is None
+    running = (await client.get(f"/api/jobs/{world.job}/events", params={"status": "running"})).json()
+    assert [(e["number"], e["worker"], e["attempt"]) for e in running["events"]] == [(0, "w1", 1)]
+    assert (await client.get(f"/api/jobs/{world.job}/events", params={"status": "bogus"})).status_code == 422
+    task_id = (await client.get(f"/api/workflows/{world.running}")).json()["tasks"][0]["id"]
+    task_page = (await client.get(f"/api/tasks/{task_id}/events", params={"limit": 100})).json()
+    assert [e["number"] for e in task_page["events"]] == list(range(7))
+
+
+async def test_dead_letters_workers_and_openapi(client: httpx.AsyncClient, world: World) -> None:
+    dlq = (await client.get("/api/dlq")).json()
+    [failed] = dlq["events"]
+    assert (failed["workflow_id"], failed["number"], failed["attempt"]) == (world.running, 3, 2)
+    assert failed["replay_command"] == (f"dispatcher replay --workflow {world.running} --job {world.job + 1} "
+                                        "--event 3")
+    assert dlq["dlq_depth"] == 0  # the test's es.dlq is empty: this failure was only written to the bookkeeping
+    [worker] = (await client.get("/api/workers")).json()
+    assert (worker["id"], worker["host"], worker["jobs"], worker["events_done"]) == ("w1", "h1", [world.job], 3)
+    spec = (await client.get("/openapi.json")).json()
+    assert {"/api/workflows", "/api/jobs/{job_id}/events", "/api/dlq", "/api/replay"} <= set(spec["paths"])
+
+
+async def test_html_looking_payloads_and_errors_are_escaped(client: httpx.AsyncClient, world: World) -> None:
+    html = (await client.get(f"/jobs/{world.job}")).text
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in html
+    assert '<span class="state running">running 1</span>' in html  # the job's counts by state
+    assert EVIL not in html
+    dlq_html = (await client.get("/dlq")).text
+    assert "boom &lt;b&gt;bold&lt;/b&gt;" in dlq_html and "<b>bold</b>" not in dlq_html
+    for page in ("/", f"/workflows/{world.running}", "/workers"):
+        assert (await client.get(page)).status_code == 200
+
+
+async def test_state_changes_need_the_token(store: Store, broker: Broker, client: httpx.AsyncClient,
+                                            world: World) -> None:
+    url = f"/api/workflows/{world.running}/cancel"
+    assert (await client.post(url)).status_code == 403
+    assert (await client.post(url, headers={"Authorization": "Bearer wrong"})).status_code == 403
+    assert (await client.post("/api/replay", json={"dry_run": True})).status_code == 403
+    assert await store.pool.fetchval("SELECT status FROM workflows WHERE id = $1", world.running) == "running"
+    r = await client.post(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200 and "cancelled workflow" in r.json()["detail"]
+    assert await store.pool.fetchval("SELECT status FROM workflows WHERE id = $1", world.running) == "cancelled"
+    r = await client.post("/api/replay", json={"dry_run": True}, headers={"X-Dispatcher-Token": TOKEN})
+    assert r.status_code == 200 and r.json()["detail"] == "would replay 0 event(s)"
+    # without a configured token, actions are off altogether
+    app = create_app(store, broker, MonitorConfig(token=None))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://m") as c:
+        r = await c.post(url, headers={"Authorization": "Bearer anything"})
+        assert r.status_code == 403 and "DISPATCHER_MONITOR_TOKEN" in r.json()["detail"]
+
+
+async def test_read_token_when_configured(store: Store, broker: Broker, world: World) -> None:
+    app = create_app(store, broker, MonitorConfig(read_token="r3ad"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://m") as c:
+        assert (await c.get("/api/workflows")).status_code == 401
+        assert (await c.get("/api/workflows", headers={"Authorization": "Bearer r3ad"})).status_code == 200
+        assert (await c.get("/", params={"token": "r3ad"})).status_code == 200
+
+
+async def test_metrics(client: httpx.AsyncClient, world: World) -> None:
+    text = (await client.get("/metrics")).text
+    metrics = dict(re.findall(r"^(\S+) (\S+)$", text, re.MULTILINE))
+    assert float(metrics['dispatcher_events{state="finished"}']) == 6
+    assert float(metrics['dispatcher_events{state="queued"}']) == 5
+    assert float(metrics['dispatcher_events{state="running"}']) == 1
+    assert float(metrics["dispatcher_events_finished_total"]) == 6
+    assert float(metrics["dispatcher_retries_total"]) == 1  # the attempt-2 failure
+    assert float(metrics['dispatcher_workers{state="live"}']) == 1
+    assert float(metrics['dispatcher_queue_depth{queue="dlq"}']) == 0
+    assert "dispatcher_bookkeeping_lag_messages" in metrics
+
+
+CHROMIUM = os.environ.get("DISPATCHER_TEST_CHROMIUM", "/usr/bin/chromium")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (scripts/install-browser.sh)")
+async def test_job_page_updates_live_in_chromium(store: Store, broker: Broker, world: World) -> None:
+    playwright_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed")
+    port = _free_port()
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(create_app(store, broker, MonitorConfig(refresh_ms=300)), "127.0.0.1",
+                                       port, stop))
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    try:
+        async with playwright_api.async_playwright() as p:
+            browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                              args=["--no-sandbox", "--disable-gpu", "--disable-quic"])
+            page = await browser.new_page()
+            for _ in range(50):  # the server takes a moment to listen
+                try:
+                    await page.goto(f"http://127.0.0.1:{port}/jobs/{world.job}")
+                    break
+                except playwright_api.Error:
+                    await asyncio.sleep(0.1)
+            first_row = page.locator("#events tr").nth(1)
+            assert "running" in await first_row.inner_text()
+            assert EVIL in await page.locator("#events").inner_text()  # shown as text, not run
+            # a worker's report lands in the bookkeeping: the page shows it without a reload
+            await store.apply([StatusUpdate(job_id=world.job, number=0, attempt=1, status="finished", worker="w1",
+                                            started_at=T0, ended_at=T0, exit_code=0)])
+            await page.locator("#events tr").nth(1).locator("text=finished").wait_for(timeout=10_000)
+            assert "finished" in await page.locator("#events tr").nth(1).inner_text()
+            await page.screenshot(path=str(artifacts / "monitor-job-page.png"), full_page=True)
+            await browser.close()
+    finally:
+        stop.set()
+        await server
+    assert (artifacts / "monitor-job-page.png").stat().st_size > 0
