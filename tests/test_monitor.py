@@ -225,3 +225,21 @@ async def test_job_page_updates_live_in_chromium(store: Store, broker: Broker, w
         stop.set()
         await server
     assert (artifacts / "monitor-job-page.png").stat().st_size > 0
+
+
+async def test_status_watch_draws_progress_and_exits_with_the_outcome(settings: object, world: World) -> None:
+    from tests.test_e2e import BIN, cli_env
+
+    env = cli_env(settings)  # type: ignore[arg-type]
+    proc = await asyncio.create_subprocess_exec(str(BIN / "dispatcher"), "status", str(world.finished), "--watch",
+                                                env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    text = err.decode()
+    assert "5/5" in text and "1/1" in text  # task a and task b, complete
+    assert f"workflow {world.finished}: finished (6/6 events done)" in text
+    usage = await asyncio.create_subprocess_exec(str(BIN / "dispatcher"), "status", "--watch", env=env,
+                                                 stderr=asyncio.subprocess.PIPE)
+    _, err = await usage.communicate()
+    assert usage.returncode == 2 and b"--watch needs a WORKFLOW_ID" in err
