@@ -40,8 +40,10 @@ def write_inputs(folder: Path, events: int, per_job: int) -> Path:
         f.write(",".join(f'"{i}": "payload_{i}"' for i in range(events)))
         f.write("}}")
     workflow = folder / "wf.yaml"
-    workflow.write_text(f"name: monitor-bench\nenableEventService: big\nmaxEventsPerJob: {per_job}\n"
-                        "mapping: mapping.json\npipetask:\n  big:\n    payloadFunction: 'tests.payloads:noop'\n")
+    workflow.write_text(
+        f"name: monitor-bench\nenableEventService: big\nmaxEventsPerJob: {per_job}\n"
+        "mapping: mapping.json\npipetask:\n  big:\n    payloadFunction: 'tests.payloads:noop'\n"
+    )
     return workflow
 
 
@@ -72,7 +74,8 @@ async def main() -> None:
         await store.pool.execute(
             "UPDATE events SET status = CASE WHEN number % 1000 = 7 THEN 'failed' WHEN number % 10 < 7 THEN 'finished'"
             " WHEN number % 10 = 7 THEN 'running' ELSE 'queued' END, attempt = 1, worker = 'w1',"
-            " started_at = now(), ended_at = now(), error = CASE WHEN number % 1000 = 7 THEN 'boom' END")
+            " started_at = now(), ended_at = now(), error = CASE WHEN number % 1000 = 7 THEN 'boom' END"
+        )
         await store.pool.execute("VACUUM ANALYZE events")
         job = await store.pool.fetchval("SELECT max(id) FROM jobs")
         task = await store.pool.fetchval("SELECT id FROM tasks")
@@ -101,19 +104,35 @@ async def main() -> None:
                     r = await client.get(url)
                     times.append((time.perf_counter() - t0) * 1000)
                     r.raise_for_status()
-                rows.append({"request": label, "url": url, "median_ms": round(statistics.median(times), 1),
-                             "max_ms": round(max(times), 1)})
+                rows.append(
+                    {
+                        "request": label,
+                        "url": url,
+                        "median_ms": round(statistics.median(times), 1),
+                        "max_ms": round(max(times), 1),
+                    }
+                )
                 print(f"{label:<40} median {statistics.median(times):8.1f} ms   max {max(times):8.1f} ms")
         await store.close()
-        report = {"benchmark": "monitor", "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                  "machine": f"{platform.node()} {platform.machine()} {platform.python_version()}",
-                  "events": args.events, "events_per_job": args.per_job, "runs": args.runs,
-                  "submit_seconds": round(submit_s, 1), "results": rows}
+        report = {
+            "benchmark": "monitor",
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": f"{platform.node()} {platform.machine()} {platform.python_version()}",
+            "events": args.events,
+            "events_per_job": args.per_job,
+            "runs": args.runs,
+            "submit_seconds": round(submit_s, 1),
+            "results": rows,
+        }
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "monitor.json").write_text(json.dumps(report, indent=2))
-        lines = [f"Monitor on {args.events:,} events ({args.per_job:,} per job), {report['date']}, "
-                 f"{report['machine']}; median of {args.runs} runs, in-process ASGI.", "",
-                 "| request | median ms | max ms |", "|---|---:|---:|"]
+        lines = [
+            f"Monitor on {args.events:,} events ({args.per_job:,} per job), {report['date']}, "
+            f"{report['machine']}; median of {args.runs} runs, in-process ASGI.",
+            "",
+            "| request | median ms | max ms |",
+            "|---|---:|---:|",
+        ]
         lines += [f"| {r['request']} | {r['median_ms']} | {r['max_ms']} |" for r in rows]
         (RESULTS / "monitor.md").write_text("\n".join(lines) + "\n")
         print(f"submitted {args.events:,} events in {submit_s:.1f} s; report in {RESULTS}/monitor.md")

@@ -97,7 +97,7 @@ def monitor_app(settings: Settings, store: Store, broker: Any) -> Any:
     "--release-window",
     type=click.IntRange(min=1),
     default=None,
-    help="Jobs with a queue at one time [env DISPATCHER_RELEASE_WINDOW, default 1000].",
+    help="Jobs with a queue at one time [env DISPATCHER_RELEASE_WINDOW, default 200].",
 )
 @click.option("--no-monitor", is_flag=True, help="Do not serve the monitor.")
 def start(

@@ -59,7 +59,7 @@ class Settings:
     work_dir: Path = Path("var/work")
     log_dir: Path = Path("var/logs")
     # jobs with a queue at one time: keeps RabbitMQ small however large the workflow
-    release_window: int = 1000
+    release_window: int = 200
     # bookkeeper: how many updates one transaction applies, and how long it waits to fill one
     batch_size: int = 2000
     batch_linger: float = 0.05
@@ -81,7 +81,7 @@ class Settings:
             names=Names(env.get("DISPATCHER_QUEUE_PREFIX", "")),
             work_dir=work_dir,
             log_dir=Path(env.get("DISPATCHER_LOG_DIR", str(work_dir.parent / "logs"))),
-            release_window=int(env.get("DISPATCHER_RELEASE_WINDOW", "1000")),
+            release_window=int(env.get("DISPATCHER_RELEASE_WINDOW", "200")),
             heartbeat_interval=float(env.get("DISPATCHER_HEARTBEAT_INTERVAL", "5")),
             monitor_host=env.get("DISPATCHER_MONITOR_HOST", "127.0.0.1"),
             monitor_port=int(env.get("DISPATCHER_MONITOR_PORT", "8321")),

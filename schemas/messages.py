@@ -38,6 +38,8 @@ class PayloadSpec(BaseModel):
     shell: bool = False  # the label asked for /bin/sh; {payload} is shell-quoted
     function: str | None = None  # "module:function", called with the payload string
     timeout: float | None = Field(default=None, gt=0)
+    setup: str | None = None  # a command run once when a worker sets the job up
+    teardown: str | None = None  # ... and once when it tears it down (before the log is written)
 
 
 class JobAnnouncement(_Wire):

@@ -42,6 +42,8 @@ class LabelConfig(BaseModel):
     payloadFunction: str | None = None
     payloadShell: bool = False
     payloadTimeout: float | None = Field(default=None, gt=0)
+    jobSetupCommand: str | None = None  # run once per job and worker, before its first event
+    jobTeardownCommand: str | None = None  # run once per job and worker, after its last event
     requestWalltime: float | None = Field(default=None, gt=0)
     dependsOn: list[str] = []
     numberOfRetries: int | None = Field(default=None, ge=0)
@@ -200,6 +202,8 @@ def plan(sub: Submission) -> list[LabelPlan]:
                     shell=cfg.payloadShell,
                     function=cfg.payloadFunction,
                     timeout=cfg.payloadTimeout or walltime,
+                    setup=cfg.jobSetupCommand,
+                    teardown=cfg.jobTeardownCommand,
                 ),
             )
         )

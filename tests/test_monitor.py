@@ -38,13 +38,24 @@ class World:
 
 
 def workflow_file(tmp_path: Path, name: str, payloads: list[str], per_job: int = 3) -> Path:
-    (tmp_path / f"{name}.json").write_text(json.dumps({
-        "a": {str(i): p for i, p in enumerate(payloads)}, "b": {"0": "b0"}}))
+    (tmp_path / f"{name}.json").write_text(
+        json.dumps({"a": {str(i): p for i, p in enumerate(payloads)}, "b": {"0": "b0"}})
+    )
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": name, "mapping": f"{name}.json", "enableEventService": "a", "maxEventsPerJob": per_job,
-        "pipetask": {"a": {"payloadCommand": "echo {payload}"},
-                     "b": {"payloadCommand": "echo {payload}", "dependsOn": "a"}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": name,
+                "mapping": f"{name}.json",
+                "enableEventService": "a",
+                "maxEventsPerJob": per_job,
+                "pipetask": {
+                    "a": {"payloadCommand": "echo {payload}"},
+                    "b": {"payloadCommand": "echo {payload}", "dependsOn": "a"},
+                },
+            }
+        )
+    )
     return path
 
 
@@ -56,9 +67,20 @@ async def run_all(store: Store, wf: int, fail: set[int] = frozenset()) -> None: 
         if not jobs:
             break
         await store.mark_jobs_queued(jobs)
-        updates = [StatusUpdate(job_id=j, number=r["number"], attempt=1, worker="w1", started_at=T0, ended_at=T0,
-                                status="failed" if r["number"] in fail else "finished", exit_code=0)
-                   for j in jobs for r in await store.job_events(j)]
+        updates = [
+            StatusUpdate(
+                job_id=j,
+                number=r["number"],
+                attempt=1,
+                worker="w1",
+                started_at=T0,
+                ended_at=T0,
+                status="failed" if r["number"] in fail else "finished",
+                exit_code=0,
+            )
+            for j in jobs
+            for r in await store.job_events(j)
+        ]
         await store.apply(updates)
         await store.finish(jobs)
 
@@ -72,12 +94,25 @@ async def world(store: Store, tmp_path: Path) -> World:
     jobs = await store.claim_jobs(window=100)
     await store.mark_jobs_queued(jobs)
     first = min(jobs)
-    await store.apply([
-        StatusUpdate(job_id=first, number=0, attempt=1, status="running", worker="w1", started_at=T0),
-        StatusUpdate(job_id=first + 1, number=3, attempt=2, status="failed", worker="w1", started_at=T0,
-                     ended_at=T0, exit_code=2, error="boom <b>bold</b>"),
-    ], heartbeats=[("w1", Heartbeat(host="h1", pid=7, slots=2, state="live", jobs=[first], events_done=3,
-                                    started_at=T0))])
+    await store.apply(
+        [
+            StatusUpdate(job_id=first, number=0, attempt=1, status="running", worker="w1", started_at=T0),
+            StatusUpdate(
+                job_id=first + 1,
+                number=3,
+                attempt=2,
+                status="failed",
+                worker="w1",
+                started_at=T0,
+                ended_at=T0,
+                exit_code=2,
+                error="boom <b>bold</b>",
+            ),
+        ],
+        heartbeats=[
+            ("w1", Heartbeat(host="h1", pid=7, slots=2, state="live", jobs=[first], events_done=3, started_at=T0))
+        ],
+    )
     return World(finished=done, running=running, job=first, evil_number=1)
 
 
@@ -98,7 +133,9 @@ async def test_workflows_and_their_tasks(client: httpx.AsyncClient, world: World
     assert by_id[world.running]["events"] == {"running": 1, "failed": 1, "queued": 5, "ready": 1}
     detail = (await client.get(f"/api/workflows/{world.running}")).json()
     assert [(t["label"], t["status"], t["parents"]) for t in detail["tasks"]] == [
-        ("a", "running", []), ("b", "waiting", ["a"])]
+        ("a", "running", []),
+        ("b", "waiting", ["a"]),
+    ]
     assert [j["n_events"] for j in detail["jobs"]] == [3, 3, 1, 1]
     assert (await client.get("/api/workflows/999999")).status_code == 404
 
@@ -122,8 +159,7 @@ async def test_dead_letters_workers_and_openapi(client: httpx.AsyncClient, world
     dlq = (await client.get("/api/dlq")).json()
     [failed] = dlq["events"]
     assert (failed["workflow_id"], failed["number"], failed["attempt"]) == (world.running, 3, 2)
-    assert failed["replay_command"] == (f"dispatcher replay --workflow {world.running} --job {world.job + 1} "
-                                        "--event 3")
+    assert failed["replay_command"] == (f"dispatcher replay --workflow {world.running} --job {world.job + 1} --event 3")
     assert dlq["dlq_depth"] == 0  # the test's es.dlq is empty: this failure was only written to the bookkeeping
     [worker] = (await client.get("/api/workers")).json()
     assert (worker["id"], worker["host"], worker["jobs"], worker["events_done"]) == ("w1", "h1", [world.job], 3)
@@ -142,8 +178,9 @@ async def test_html_looking_payloads_and_errors_are_escaped(client: httpx.AsyncC
         assert (await client.get(page)).status_code == 200
 
 
-async def test_state_changes_need_the_token(store: Store, broker: Broker, client: httpx.AsyncClient,
-                                            world: World) -> None:
+async def test_state_changes_need_the_token(
+    store: Store, broker: Broker, client: httpx.AsyncClient, world: World
+) -> None:
     url = f"/api/workflows/{world.running}/cancel"
     assert (await client.post(url)).status_code == 403
     assert (await client.post(url, headers={"Authorization": "Bearer wrong"})).status_code == 403
@@ -196,14 +233,16 @@ async def test_job_page_updates_live_in_chromium(store: Store, broker: Broker, w
     playwright_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed")
     port = _free_port()
     stop = asyncio.Event()
-    server = asyncio.create_task(serve(create_app(store, broker, MonitorConfig(refresh_ms=300)), "127.0.0.1",
-                                       port, stop))
+    server = asyncio.create_task(
+        serve(create_app(store, broker, MonitorConfig(refresh_ms=300)), "127.0.0.1", port, stop)
+    )
     artifacts = ROOT / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
     try:
         async with playwright_api.async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                              args=["--no-sandbox", "--disable-gpu", "--disable-quic"])
+            browser = await p.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-quic"]
+            )
             page = await browser.new_page()
             for _ in range(50):  # the server takes a moment to listen
                 try:
@@ -215,8 +254,20 @@ async def test_job_page_updates_live_in_chromium(store: Store, broker: Broker, w
             assert "running" in await first_row.inner_text()
             assert EVIL in await page.locator("#events").inner_text()  # shown as text, not run
             # a worker's report lands in the bookkeeping: the page shows it without a reload
-            await store.apply([StatusUpdate(job_id=world.job, number=0, attempt=1, status="finished", worker="w1",
-                                            started_at=T0, ended_at=T0, exit_code=0)])
+            await store.apply(
+                [
+                    StatusUpdate(
+                        job_id=world.job,
+                        number=0,
+                        attempt=1,
+                        status="finished",
+                        worker="w1",
+                        started_at=T0,
+                        ended_at=T0,
+                        exit_code=0,
+                    )
+                ]
+            )
             await page.locator("#events tr").nth(1).locator("text=finished").wait_for(timeout=10_000)
             assert "finished" in await page.locator("#events tr").nth(1).inner_text()
             await page.screenshot(path=str(artifacts / "monitor-job-page.png"), full_page=True)
@@ -231,15 +282,22 @@ async def test_status_watch_draws_progress_and_exits_with_the_outcome(settings: 
     from tests.test_e2e import BIN, cli_env
 
     env = cli_env(settings)  # type: ignore[arg-type]
-    proc = await asyncio.create_subprocess_exec(str(BIN / "dispatcher"), "status", str(world.finished), "--watch",
-                                                env=env, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "dispatcher"),
+        "status",
+        str(world.finished),
+        "--watch",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()
     text = err.decode()
     assert "5/5" in text and "1/1" in text  # task a and task b, complete
     assert f"workflow {world.finished}: finished (6/6 events done)" in text
-    usage = await asyncio.create_subprocess_exec(str(BIN / "dispatcher"), "status", "--watch", env=env,
-                                                 stderr=asyncio.subprocess.PIPE)
+    usage = await asyncio.create_subprocess_exec(
+        str(BIN / "dispatcher"), "status", "--watch", env=env, stderr=asyncio.subprocess.PIPE
+    )
     _, err = await usage.communicate()
     assert usage.returncode == 2 and b"--watch needs a WORKFLOW_ID" in err

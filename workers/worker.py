@@ -39,11 +39,12 @@ from schemas.messages import (
     JobAnnouncement,
     JobLog,
     MessageError,
+    PayloadSpec,
     StatusUpdate,
     decode,
     encode,
 )
-from workers.payload import Outcome, Runner, now, runner_for
+from workers.payload import CommandRunner, Outcome, Runner, now, runner_for
 from workers.reporter import StatusReporter
 
 log = logging.getLogger(__name__)
@@ -260,8 +261,11 @@ class Worker:
         runner = runner_for(spec.payload)
         work_dir = self.work_dir / f"job-{spec.job_id}-{self.id.replace(':', '-')}"
         work_dir.mkdir(parents=True, exist_ok=True)
+        segment = work_dir / "job.log"
+        if spec.payload.setup:
+            await self._job_command(spec.payload.setup, "set-up", work_dir, segment, fail=True)
         queue = await self.broker.open_job(spec.queue)
-        self.jobs[spec.job_id] = Job(spec, queue, runner, work_dir, work_dir / "job.log")
+        self.jobs[spec.job_id] = Job(spec, queue, runner, work_dir, segment)
         self.reporter.heartbeat(self._heartbeat())
         log.info("job set up", extra={"job": spec.job_id, "label": spec.label, "worker": self.id})
 
@@ -270,6 +274,8 @@ class Worker:
             return
         del self.jobs[job.spec.job_id]
         await job.queue.close()
+        if job.spec.payload.teardown:
+            await self._job_command(job.spec.payload.teardown, "tear-down", job.work_dir, job.segment, fail=False)
         logs = []
         if job.segment.exists():
             logs.append(JobLog(job_id=job.spec.job_id, path=str(self._append_log(job).resolve())))
@@ -278,6 +284,19 @@ class Worker:
         if logs:
             await self.reporter.report(logs=logs)
         log.info("job torn down", extra={"job": job.spec.job_id, "events": job.events_done, "worker": self.id})
+
+    async def _job_command(self, command: str, what: str, work_dir: Path, segment: Path, *, fail: bool) -> None:
+        """A job's set-up or tear-down command, its output in the job's log."""
+        output = work_dir / f"{what}.out"
+        outcome = await CommandRunner(PayloadSpec(command=command)).run("", output, work_dir)
+        with segment.open("ab") as seg:
+            seg.write(f"=== job {what}: {command}\n".encode())
+            if output.exists():
+                seg.write(output.read_bytes())
+                output.unlink()
+            seg.write(f"=== job {what} {outcome.status} exit_code={outcome.exit_code}\n".encode())
+        if fail and outcome.status != "finished":
+            raise RuntimeError(f"job {what} failed: {outcome.error}")
 
     def _append_log(self, job: Job) -> Path:
         """One log file per job: every worker of the job appends its part, whole, under a lock."""

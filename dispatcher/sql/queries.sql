@@ -151,7 +151,8 @@ ON CONFLICT (job_id, number, attempt) DO UPDATE SET
     started_at = coalesce(excluded.started_at, a.started_at),
     ended_at = excluded.ended_at,
     exit_code = excluded.exit_code,
-    error = excluded.error
+    error = excluded.error,
+    recorded_at = clock_timestamp()
 WHERE es_status_rank(excluded.status) > es_status_rank(a.status);
 
 -- name: mark_jobs_running

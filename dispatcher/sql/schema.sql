@@ -96,6 +96,7 @@ CREATE TABLE attempts (
     ended_at    timestamptz,
     exit_code   integer,
     error       text,
+    recorded_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (job_id, number, attempt),
     FOREIGN KEY (job_id, number) REFERENCES events ON DELETE CASCADE
 );

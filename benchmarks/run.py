@@ -1,0 +1,552 @@
+"""Benchmarks: the overhead claim, side by side with the alternatives.
+
+    python -m benchmarks.run [--quick] [--runs N] [--only NAME,...] [--full]
+
+Runs against the local RabbitMQ and Postgres (DISPATCHER_AMQP_URL, DISPATCHER_DATABASE_URL),
+each scenario in a database and a queue prefix of its own, with the real CLI as
+subprocesses (`dispatcher start`, `dispatcher worker`, `dispatcher submit`). Figures are
+medians of --runs runs; comparisons are ratios measured in the same run. Writes
+benchmarks/results/report.json and report.md. --quick shrinks every scenario (the test
+suite runs it so the benchmark cannot rot); --full runs scenario 3 without EventService on
+all 1,000 payloads (about 20 minutes) instead of 100.
+
+Scenarios:
+  throughput    100,000 no-op events, 2 workers, range sizes 1, 10, 100, full bookkeeping;
+                and the raw broker limit (aio-pika publish with confirms, consume + ack)
+  celery        the same no-op payloads as Celery tasks, 2 worker processes, acks late
+  eventservice  payloads of 50 ms, job set-up 2 s and a log upload (0.5 s) per job:
+                jobs of 36 events against one payload per job
+  latency       submit -> first event running; event done -> recorded in Postgres
+  scale         submit 1,000,000 events: time and peak memory of `dispatcher submit`,
+                and of the control plane while it releases them
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+
+from dispatcher import migrate
+from dispatcher.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results"
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Sizes:
+    throughput: int = 100_000
+    celery: int = 100_000
+    es_payloads: int = 1000
+    non_es_payloads: int = 100
+    setup_seconds: float = 2.0
+    upload_seconds: float = 0.5
+    latency: int = 2000
+    scale: int = 1_000_000
+
+
+QUICK = Sizes(
+    throughput=2000,
+    celery=2000,
+    es_payloads=72,
+    non_es_payloads=8,
+    setup_seconds=0.2,
+    upload_seconds=0.05,
+    latency=300,
+    scale=20_000,
+)
+
+
+class Namespace:
+    """A database and a queue prefix of its own, and the CLI processes run in them."""
+
+    def __init__(self, settings: Settings, tag: str) -> None:
+        self.base = settings
+        self.db = f"es_bench_{tag}_{uuid.uuid4().hex[:6]}"
+        self.dsn = settings.database_url.rsplit("/", 1)[0] + f"/{self.db}"
+        self.prefix = f"bench{uuid.uuid4().hex[:6]}."
+        self.tmp = Path(tempfile.mkdtemp(prefix="es-bench-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(
+            os.environ,
+            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            PYTHONPATH=str(ROOT),
+            DISPATCHER_AMQP_URL=self.base.amqp_url,
+            DISPATCHER_DATABASE_URL=self.dsn,
+            DISPATCHER_QUEUE_PREFIX=self.prefix,
+            DISPATCHER_WORK_DIR=str(self.tmp / "work"),
+            DISPATCHER_LOG_DIR=str(self.tmp / "logs"),
+        )
+
+    async def __aenter__(self) -> Namespace:
+        admin = await asyncpg.connect(self.base.database_url)
+        await admin.execute(f'CREATE DATABASE "{self.db}"')
+        await admin.close()
+        conn = await asyncpg.connect(self.dsn)
+        await migrate.upgrade(conn)
+        await conn.close()
+        self.conn = await asyncpg.connect(self.dsn)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop()
+        job_ids = [r["id"] for r in await self.conn.fetch("SELECT id FROM jobs")]
+        await self.conn.close()
+        admin = await asyncpg.connect(self.base.database_url)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
+        await admin.close()
+        await delete_queues(self.base.amqp_url, self.prefix, job_ids)
+
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        log = (self.tmp / f"{args[0]}-{len(self.procs)}.log").open("wb")
+        proc = subprocess.Popen(
+            [str(BIN / "dispatcher"), "--log-level", "WARNING", *args], env=self.env, stdout=log, stderr=log
+        )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.procs.clear()
+
+    def workflow(self, label_settings: dict[str, Any], events: int, payload: str = "x", **top: Any) -> Path:
+        mapping = self.tmp / f"mapping-{events}.json"
+        if not mapping.exists():
+            with mapping.open("w") as f:
+                f.write('{"bench": {')
+                f.write(",".join(f'"{i}": "{payload}{i}"' for i in range(events)))
+                f.write("}}")
+        spec = {
+            "name": "bench",
+            "mapping": str(mapping),
+            "enableEventService": "bench",
+            **top,
+            "pipetask": {"bench": label_settings},
+        }
+        path = self.tmp / f"wf-{uuid.uuid4().hex[:6]}.json"  # JSON is YAML
+        path.write_text(json.dumps(spec))
+        return path
+
+    async def submit(self, path: Path) -> tuple[int, float]:
+        """(workflow id, wall-clock time the submission started)."""
+        t0 = time.time()
+        out = subprocess.run(
+            [str(BIN / "dispatcher"), "submit", str(path)], env=self.env, capture_output=True, check=True
+        )
+        return int(out.stdout.decode().strip()), t0
+
+    async def finished(self, wf: int, timeout: float = 3600) -> datetime:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            row = await self.conn.fetchrow("SELECT status, finished_at FROM workflows WHERE id = $1", wf)
+            if row["status"] != "running":
+                if row["status"] != "finished":
+                    raise RuntimeError(f"workflow {wf} ended {row['status']}; logs in {self.tmp}")
+                return row["finished_at"]  # type: ignore[no-any-return]
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"workflow {wf} did not finish in {timeout} s; logs in {self.tmp}")
+
+
+async def delete_queues(url: str, prefix: str, job_ids: list[int]) -> None:
+    """Every queue of the namespace: job queues too (a quorum queue left behind costs
+    RabbitMQ memory and start-up time)."""
+    from dispatcher.broker import Broker
+    from dispatcher.config import Names
+
+    broker = await Broker.connect(url, Names(prefix), client="bench-cleanup")
+    try:
+        for job_id in job_ids:
+            await broker.delete_queue(broker.names.job(job_id))
+        await broker.delete_topology()
+    finally:
+        await broker.close()
+
+
+def median(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
+
+
+async def repeat(runs: int, once: Callable[[], Awaitable[dict[str, float]]]) -> dict[str, Any]:
+    samples = [await once() for _ in range(runs)]
+    return {key: median([s[key] for s in samples]) for key in samples[0]} | {"runs": runs}
+
+
+# -- scenario 1 ------------------------------------------------------------------------
+
+
+async def raw_broker(url: str, n: int) -> dict[str, float]:
+    """aio-pika alone: publish n messages with confirms (pipelined), then consume + ack."""
+    conn = await aio_pika.connect(url)
+    ch = await conn.channel(publisher_confirms=True)
+    name = f"bench.raw.{uuid.uuid4().hex[:6]}"
+    queue = await ch.declare_queue(name, durable=True)
+    body = b'{"v":1,"kind":"range","workflow_id":1,"job_id":1,"events":[{"number":1,"payload":"x1","attempt":1}]}'
+    t0 = time.perf_counter()
+    for start in range(0, n, 1000):
+        await asyncio.gather(
+            *(
+                ch.default_exchange.publish(aio_pika.Message(body, delivery_mode=2), routing_key=name)
+                for _ in range(min(1000, n - start))
+            )
+        )
+    publish = n / (time.perf_counter() - t0)
+    cch = await conn.channel()
+    await cch.set_qos(prefetch_count=1000)
+    cqueue = await cch.get_queue(name)
+    done = asyncio.get_running_loop().create_future()
+    count = 0
+
+    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        nonlocal count
+        await message.ack()
+        count += 1
+        if count == n and not done.done():
+            done.set_result(None)
+
+    t0 = time.perf_counter()
+    await cqueue.consume(on_message)
+    await done
+    consume = n / (time.perf_counter() - t0)
+    await ch.queue_delete(name)
+    await conn.close()
+    del queue
+    return {"publish_per_s": round(publish), "consume_ack_per_s": round(consume)}
+
+
+async def throughput(settings: Settings, sizes: Sizes, runs: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"events": sizes.throughput, "workers": 2, "slots": 4}
+    for per_range in (1, 10, 100):
+
+        async def once(per_range: int = per_range) -> dict[str, float]:
+            async with Namespace(settings, "tp") as ns:
+                ns.start("start", "--no-monitor")
+                ns.start("worker", "--slots", "4")
+                ns.start("worker", "--slots", "4")
+                wf_file = ns.workflow(
+                    {"payloadFunction": "benchmarks.payloads:noop"},
+                    sizes.throughput,
+                    maxEventsPerJob=1000,
+                    eventsPerRange=per_range,
+                )
+                wf, t0 = await ns.submit(wf_file)
+                end = await ns.finished(wf)
+                seconds = end.timestamp() - t0
+                return {"seconds": round(seconds, 2), "events_per_s": round(sizes.throughput / seconds)}
+
+        out[f"range_{per_range}"] = await repeat(runs, once)
+        print(f"  throughput, range size {per_range}: {out[f'range_{per_range}']}", flush=True)
+    out["raw_broker"] = await repeat(runs, lambda: raw_broker(settings.amqp_url, sizes.throughput))
+    for per_range in (1, 10, 100):
+        r = out[f"range_{per_range}"]
+        r["fraction_of_raw_publish"] = round(r["events_per_s"] / out["raw_broker"]["publish_per_s"], 3)
+        r["fraction_of_raw_consume"] = round(r["events_per_s"] / out["raw_broker"]["consume_ack_per_s"], 3)
+    return out
+
+
+# -- scenario 2 ------------------------------------------------------------------------
+
+
+async def celery(settings: Settings, sizes: Sizes, runs: int, ours_per_s: float | None) -> dict[str, Any]:
+    try:
+        import celery as _  # noqa: F401
+    except ImportError:
+        return {"skipped": "celery is not installed (pip install -e '.[bench]')"}
+
+    async def once() -> dict[str, float]:
+        queue = f"bench.celery.{uuid.uuid4().hex[:6]}"
+        env = dict(os.environ, PYTHONPATH=str(ROOT), BENCH_CELERY_QUEUE=queue, BENCH_CELERY_BROKER=settings.amqp_url)
+        tmp = Path(tempfile.mkdtemp(prefix="es-bench-celery-"))
+        workers = [
+            subprocess.Popen(
+                [
+                    str(BIN / "celery"),
+                    "-A",
+                    "benchmarks.celery_app",
+                    "worker",
+                    "--pool",
+                    "solo",
+                    "-Q",
+                    queue,
+                    "-l",
+                    "warning",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--without-heartbeat",
+                    "-n",
+                    f"w{i}-{queue}@%h",
+                ],
+                env=env,
+                stdout=(tmp / f"w{i}.log").open("wb"),
+                stderr=subprocess.STDOUT,
+            )
+            for i in range(2)
+        ]
+        try:
+            conn = await aio_pika.connect(settings.amqp_url)
+            ch = await conn.channel()
+            # both workers consuming before the clock starts
+            for _ in range(200):
+                q = await ch.declare_queue(queue, durable=True, passive=False)
+                if q.declaration_result.consumer_count >= 2:
+                    break
+                await asyncio.sleep(0.1)
+            code = (
+                "import os, sys, time; sys.path.insert(0, os.environ['PYTHONPATH']);"
+                "from benchmarks.celery_app import noop;"
+                f"[noop.apply_async(('x',), queue='{queue}') for _ in range({sizes.celery})]"
+            )
+            t0 = time.time()
+            subprocess.run([sys.executable, "-c", code], env=env, check=True)
+            while True:  # done when the queue is empty and nothing is unacked
+                q = await ch.declare_queue(queue, durable=True, passive=True)
+                if q.declaration_result.message_count == 0:
+                    break
+                await asyncio.sleep(0.02)
+            seconds = time.time() - t0
+            await ch.queue_delete(queue)
+            await conn.close()
+            return {"seconds": round(seconds, 2), "tasks_per_s": round(sizes.celery / seconds)}
+        finally:
+            for w in workers:
+                w.send_signal(signal.SIGTERM)
+            for w in workers:
+                try:
+                    w.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    w.kill()
+
+    out: dict[str, Any] = {"tasks": sizes.celery, "workers": 2, "acks_late": True, "results": "ignored"}
+    out |= await repeat(runs, once)
+    # ours at range size 1 from the same run, with its full bookkeeping
+    if ours_per_s:
+        out["ratio_ours_range1_to_celery"] = round(ours_per_s / out["tasks_per_s"], 2)
+    return out
+
+
+# -- scenario 3 ------------------------------------------------------------------------
+
+
+async def eventservice(settings: Settings, sizes: Sizes, runs: int, full: bool) -> dict[str, Any]:
+    def label(es: bool) -> dict[str, Any]:
+        return {
+            "payloadFunction": "benchmarks.payloads:sleep50",
+            "jobSetupCommand": f"sleep {sizes.setup_seconds}",
+            "jobTeardownCommand": f"sleep {sizes.upload_seconds}",
+        }
+
+    async def once(es: bool, payloads: int) -> dict[str, float]:
+        async with Namespace(settings, "es") as ns:
+            ns.start("start", "--no-monitor")
+            ns.start("worker", "--slots", "1")
+            ns.start("worker", "--slots", "1")
+            top = {"maxEventsPerJob": 36} if es else {"enableEventService": False}
+            wf, t0 = await ns.submit(ns.workflow(label(es), payloads, **top))
+            end = await ns.finished(wf)
+            wall = end.timestamp() - t0
+            setups = sum(p.read_text().count("=== job set-up:") for p in (ns.tmp / "logs").rglob("*.log"))
+            payload_time = payloads * 0.05
+            setup_time = setups * (sizes.setup_seconds + sizes.upload_seconds)
+            overhead = (2 * wall - payload_time - setup_time) / payloads
+            return {
+                "wall_s": round(wall, 2),
+                "jobs_set_up": setups,
+                "dispatch_overhead_ms_per_event": round(overhead * 1000, 3),
+                "wall_per_event_s": round(wall / payloads, 4),
+            }
+
+    with_es = await repeat(runs, lambda: once(True, sizes.es_payloads))
+    n_without = sizes.es_payloads if full else sizes.non_es_payloads
+    without = await repeat(1 if not full else runs, lambda: once(False, n_without))
+    return {
+        "payload_seconds": 0.05,
+        "setup_seconds": sizes.setup_seconds,
+        "log_upload_seconds": sizes.upload_seconds,
+        "workers": 2,
+        "with_eventservice": {"payloads": sizes.es_payloads, "events_per_job": 36, **with_es},
+        "one_payload_per_job": {"payloads": n_without, **without},
+        "speedup_wall_per_event": round(without["wall_per_event_s"] / with_es["wall_per_event_s"], 1),
+    }
+
+
+# -- scenario 4 ------------------------------------------------------------------------
+
+
+async def latency(settings: Settings, sizes: Sizes, runs: int) -> dict[str, Any]:
+    async def once() -> dict[str, float]:
+        async with Namespace(settings, "lat") as ns:
+            ns.start("start", "--no-monitor")
+            ns.start("worker", "--slots", "4")
+            ns.start("worker", "--slots", "4")
+            await asyncio.sleep(2)  # workers idle and waiting, as in production
+            wf, t0 = await ns.submit(
+                ns.workflow({"payloadFunction": "benchmarks.payloads:noop"}, sizes.latency, maxEventsPerJob=100)
+            )
+            await ns.finished(wf)
+            first = await ns.conn.fetchval("SELECT min(started_at) FROM events")
+            lags = [
+                r["lag"]
+                for r in await ns.conn.fetch(
+                    "SELECT extract(epoch FROM recorded_at - ended_at) AS lag FROM attempts WHERE status = 'finished'"
+                )
+            ]
+            lags.sort()
+            return {
+                "submit_to_first_running_ms": round((first.timestamp() - t0) * 1000, 1),
+                "bookkeeping_p50_ms": round(float(lags[len(lags) // 2]) * 1000, 1),
+                "bookkeeping_p99_ms": round(float(lags[int(len(lags) * 0.99) - 1]) * 1000, 1),
+            }
+
+    return {"events": sizes.latency} | await repeat(runs, once)
+
+
+# -- scenario 5 ------------------------------------------------------------------------
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+async def scale(settings: Settings, sizes: Sizes) -> dict[str, Any]:
+    out: dict[str, Any] = {"events": sizes.scale}
+    async with Namespace(settings, "scale") as ns:
+        path = ns.workflow({"payloadFunction": "benchmarks.payloads:noop"}, sizes.scale, maxEventsPerJob=36)
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([str(BIN / "dispatcher"), "submit", str(path)], env=ns.env, stdout=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        out["submit_seconds"] = round(time.perf_counter() - t0, 2)
+        out["submit_peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
+        assert os.waitstatus_to_exitcode(status) == 0
+        n_jobs = await ns.conn.fetchval("SELECT count(*) FROM jobs")
+        window = min(Settings.from_env().release_window, n_jobs)
+        t0 = time.perf_counter()
+        control = ns.start("start", "--no-monitor")
+        while await ns.conn.fetchval("SELECT count(*) FROM jobs WHERE status = 'queued'") < window:
+            await asyncio.sleep(0.05)
+        out["control_plane_release_seconds"] = round(time.perf_counter() - t0, 2)
+        out["control_plane_jobs_released"] = window
+        out["control_plane_events_published"] = int(
+            await ns.conn.fetchval("SELECT count(*) FROM events WHERE status = 'queued'")
+        )
+        out["control_plane_peak_rss_mib"] = peak_rss_mib(control.pid)
+    return out
+
+
+# -- report ----------------------------------------------------------------------------
+
+TARGETS = [
+    ("throughput range 1 >= 2x Celery", lambda r: r.get("celery", {}).get("ratio_ours_range1_to_celery"), 2.0, ">="),
+    (
+        "throughput range 10 >= 10,000 events/s",
+        lambda r: r.get("throughput", {}).get("range_10", {}).get("events_per_s"),
+        10_000,
+        ">=",
+    ),
+    (
+        "dispatch overhead < 1 ms per event (EventService)",
+        lambda r: r.get("eventservice", {}).get("with_eventservice", {}).get("dispatch_overhead_ms_per_event"),
+        1.0,
+        "<",
+    ),
+    ("submit -> first event < 100 ms", lambda r: r.get("latency", {}).get("submit_to_first_running_ms"), 100, "<"),
+    ("bookkeeping p99 < 1 s", lambda r: r.get("latency", {}).get("bookkeeping_p99_ms"), 1000, "<"),
+    ("1,000,000 events submitted < 30 s", lambda r: r.get("scale", {}).get("submit_seconds"), 30, "<"),
+    ("submit peak memory < 300 MiB", lambda r: r.get("scale", {}).get("submit_peak_rss_mib"), 300, "<"),
+    ("control plane peak memory < 300 MiB", lambda r: r.get("scale", {}).get("control_plane_peak_rss_mib"), 300, "<"),
+]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"Benchmarks {report['date']} on {report['machine']} ({report['mode']}, medians of {report['runs']} run(s))",
+        "",
+        "| target | measured | met |",
+        "|---|---:|:---:|",
+    ]
+    for name, value in report["targets"].items():
+        lines.append(f"| {name} | {value['measured']} | {value['met']} |")
+    lines += ["", "```json", json.dumps({k: v for k, v in report.items() if k not in ("targets",)}, indent=2), "```"]
+    return "\n".join(lines) + "\n"
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one run (the tests use it)")
+    parser.add_argument("--full", action="store_true", help="scenario 3 without EventService on all payloads")
+    parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 3, quick 1)")
+    parser.add_argument("--only", default="throughput,celery,eventservice,latency,scale")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else Sizes()
+    runs = args.runs or (1 if args.quick else 3)
+    only = set(args.only.split(","))
+    settings = Settings.from_env()
+    report: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "mode": "quick" if args.quick else "full",
+        "runs": runs,
+    }
+    t0 = time.perf_counter()
+    if "throughput" in only:
+        report["throughput"] = await throughput(settings, sizes, runs)
+    if "celery" in only:
+        ours = report.get("throughput", {}).get("range_1", {}).get("events_per_s")
+        report["celery"] = await celery(settings, sizes, runs, ours)
+        print(f"  celery: {report['celery']}", flush=True)
+    if "eventservice" in only:
+        report["eventservice"] = await eventservice(settings, sizes, runs, args.full)
+        print(f"  eventservice: {report['eventservice']}", flush=True)
+    if "latency" in only:
+        report["latency"] = await latency(settings, sizes, runs)
+        print(f"  latency: {report['latency']}", flush=True)
+    if "scale" in only:
+        report["scale"] = await scale(settings, sizes)
+        print(f"  scale: {report['scale']}", flush=True)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    report["targets"] = {}
+    for name, get, bound, op in TARGETS:
+        value = get(report)
+        met = None if value is None else (value >= bound if op == ">=" else value < bound)
+        report["targets"][name] = {"measured": value, "met": {True: "yes", False: "no", None: "-"}[met]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "report-quick" if args.quick else "report"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+    (args.out / f"{stem}.md").write_text(markdown(report))
+    print(markdown(report).split("```")[0])
+    print(f"report: {args.out / stem}.md")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
