@@ -74,22 +74,11 @@ class EventsPage(BaseModel):
     next: int | None = None  # pass as ?after= for the next page
 
 
-class JobDetail(BaseModel):
-    id: int
+class JobDetail(JobView):
     workflow_id: int
     workflow: str
     task_id: int
-    label: str
-    seq: int
-    status: str
-    n_events: int
-    first_number: int
-    last_number: int
     walltime: float | None = None
-    log_path: str | None = None
-    queued_at: datetime | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
     events: dict[str, int]
 
 
