@@ -209,8 +209,7 @@ class Broker:
         """To every worker listening on es.control (none listening is fine)."""
         ch = await self._channel()
         exchange = await ch.get_exchange(self.names.control, ensure=False)
-        await exchange.publish(aio_pika.Message(body, content_type="application/json"), routing_key="",
-                               mandatory=False)
+        await exchange.publish(aio_pika.Message(body, content_type="application/json"), routing_key="", mandatory=False)
 
     async def listen_control(self, handler: Handler) -> None:
         """A worker's private queue on es.control; it goes away with the connection."""

@@ -16,7 +16,7 @@ import orjson
 
 from dispatcher import logs
 from dispatcher.config import Names, Settings, redact
-from dispatcher.status import TERMINAL_WORKFLOW, progress_line, render
+from dispatcher.status import follow, progress_line, render
 from dispatcher.store import Store
 from schemas.submission import SubmissionError
 
@@ -229,30 +229,15 @@ def submit(workflow: Path, mapping: Path | None, wait: bool, **conn: Any) -> Non
 
 
 async def wait_for_workflow(store: Store, workflow_id: int) -> int:
-    """Show progress until the workflow ends, refreshed on every bookkeeping NOTIFY."""
-    changed = asyncio.Event()
-    conn = await asyncpg.connect(store.dsn)
-    await conn.add_listener("dispatcher_progress", lambda *a: changed.set() if a[3] == str(workflow_id) else None)
+    """Show progress until the workflow ends; 0 only if it finished."""
     tty = sys.stderr.isatty()
-    try:
-        while True:
-            status = await store.workflow_status(workflow_id)
-            assert status is not None
-            line = progress_line(status)
-            click.echo(("\r" + line) if tty else line, err=True, nl=not tty)
-            if status["status"] in TERMINAL_WORKFLOW:
-                if tty:
-                    click.echo("", err=True)
-                click.echo(render(status), err=True)
-                return 0 if status["status"] == "finished" else 1
-            try:  # the timeout only guards against a lost notification
-                await asyncio.wait_for(changed.wait(), 5.0)
-            except TimeoutError:
-                pass
-            changed.clear()
-            await asyncio.sleep(0.5)  # at most two refreshes a second
-    finally:
-        await conn.close()
+    async for status in follow(store, workflow_id):
+        line = progress_line(status)
+        click.echo(("\r" + line) if tty else line, err=True, nl=not tty)
+    if tty:
+        click.echo("", err=True)
+    click.echo(render(status), err=True)
+    return 0 if status["status"] == "finished" else 1
 
 
 @main.command()

@@ -27,7 +27,7 @@ from fastapi.templating import Jinja2Templates
 from dispatcher.broker import Broker
 from dispatcher.metrics import render_metrics
 from dispatcher.replay import Selector, cancel, replay
-from dispatcher.status import EVENT_STATES
+from dispatcher.status import EVENT_STATES, terminal
 from dispatcher.store import Store
 from schemas.api import (
     ActionResult,
@@ -46,7 +46,6 @@ from schemas.api import (
 
 log = logging.getLogger(__name__)
 
-TERMINAL = ("finished", "failed", "cancelled")
 PAGE = 100
 
 
@@ -55,10 +54,6 @@ class MonitorConfig:
     token: str | None = None  # for cancel and replay
     read_token: str | None = None  # for everything, when set
     refresh_ms: int = 2000
-
-
-def _done(events: dict[str, int]) -> int:
-    return sum(events.get(s, 0) for s in TERMINAL)
 
 
 def _event(row: dict[str, Any]) -> EventView:
@@ -115,7 +110,7 @@ def create_app(store: Store, broker: Broker | None, config: MonitorConfig) -> Fa
 
     async def workflows(limit: int = 50) -> list[WorkflowSummary]:
         rows = await store.fetch("monitor_workflows", limit)
-        return [WorkflowSummary(**r, done=_done(r["events"])) for r in rows]
+        return [WorkflowSummary(**r, done=terminal(r["events"])) for r in rows]
 
     async def workflow(workflow_id: int, after: int = 0, status: str | None = None) -> WorkflowDetail:
         st = await store.workflow_status(workflow_id)
@@ -138,7 +133,7 @@ def create_app(store: Store, broker: Broker | None, config: MonitorConfig) -> Fa
             name=st["name"],
             status=st["status"],
             n_events=st["n_events"],
-            done=_done(events),
+            done=terminal(events),
             events=events,
             submitted_at=st["submitted_at"],
             finished_at=st["finished_at"],

@@ -2,16 +2,50 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
+
+import asyncpg
+
+from dispatcher.store import Store
 
 EVENT_STATES = ("ready", "queued", "running", "finished", "failed", "cancelled")
 TERMINAL_WORKFLOW = ("finished", "failed", "cancelled")
+TERMINAL_EVENT = ("finished", "failed", "cancelled")
+
+
+def terminal(events: dict[str, int]) -> int:
+    """How many of these counts by state are events that will not run again."""
+    return sum(events.get(s, 0) for s in TERMINAL_EVENT)
 
 
 def progress(status: dict[str, Any]) -> tuple[int, int]:
     """(terminal events, all events) of a workflow."""
-    done = sum(t["events"].get(s, 0) for t in status["tasks"] for s in ("finished", "failed", "cancelled"))
-    return done, int(status["n_events"])
+    return sum(terminal(t["events"]) for t in status["tasks"]), int(status["n_events"])
+
+
+async def follow(store: Store, workflow_id: int) -> AsyncIterator[dict[str, Any]]:
+    """The workflow's status now, then again on every bookkeeping NOTIFY about it (at most
+    twice a second), until it ends; the last one yielded is its end state."""
+    changed = asyncio.Event()
+    conn = await asyncpg.connect(store.dsn)
+    await conn.add_listener("dispatcher_progress", lambda *a: changed.set() if a[3] == str(workflow_id) else None)
+    try:
+        while True:
+            status = await store.workflow_status(workflow_id)
+            assert status is not None
+            yield status
+            if status["status"] in TERMINAL_WORKFLOW:
+                return
+            try:  # the timeout only guards against a lost notification
+                await asyncio.wait_for(changed.wait(), 5.0)
+            except TimeoutError:
+                pass
+            changed.clear()
+            await asyncio.sleep(0.5)
+    finally:
+        await conn.close()
 
 
 def render(status: dict[str, Any]) -> str:
