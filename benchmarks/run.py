@@ -36,7 +36,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -176,6 +176,36 @@ class Namespace:
         raise TimeoutError(f"workflow {wf} did not finish in {timeout} s; logs in {self.tmp}")
 
 
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def cpu_by_role(procs: list[subprocess.Popen[bytes]]) -> dict[str, float]:
+    """CPU seconds used so far by our processes, RabbitMQ and Postgres (every backend)."""
+    out: dict[str, float] = {}
+    for p in procs:
+        role = "control_plane" if p.args[3] == "start" else str(p.args[3])  # type: ignore[index]
+        out[role] = out.get(role, 0.0) + cpu_seconds(p.pid)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        role = {"beam.smp": "rabbitmq", "postgres": "postgres"}.get(comm)
+        if role:
+            out[role] = out.get(role, 0.0) + cpu_seconds(int(pid))
+    return out
+
+
+def cpu_us_per_event(before: dict[str, float], after: dict[str, float], events: int) -> dict[str, float]:
+    """Microseconds of CPU per event, by process role, between two cpu_by_role snapshots."""
+    return {role: round((after[role] - before.get(role, 0.0)) / events * 1e6, 1) for role in sorted(after)}
+
+
 async def delete_queues(url: str, prefix: str, job_ids: list[int]) -> None:
     """Every queue of the namespace: job queues too (a quorum queue left behind costs
     RabbitMQ memory and start-up time)."""
@@ -242,30 +272,34 @@ async def raw_broker(url: str, n: int) -> dict[str, float]:
     return {"publish_per_s": round(publish), "consume_ack_per_s": round(consume)}
 
 
-async def throughput(settings: Settings, sizes: Sizes, runs: int) -> dict[str, Any]:
+async def throughput(settings: Settings, sizes: Sizes, runs: int, ranges: list[int]) -> dict[str, Any]:
     out: dict[str, Any] = {"events": sizes.throughput, "workers": 2, "slots": 4}
-    for per_range in (1, 10, 100):
+    for per_range in ranges:
 
         async def once(per_range: int = per_range) -> dict[str, float]:
             async with Namespace(settings, "tp") as ns:
                 ns.start("start", "--no-monitor")
-                ns.start("worker", "--slots", "4")
-                ns.start("worker", "--slots", "4")
+                ns.start("worker", "--slots", "4", *os.environ.get("BENCH_WORKER_ARGS", "").split())
+                ns.start("worker", "--slots", "4", *os.environ.get("BENCH_WORKER_ARGS", "").split())
                 wf_file = ns.workflow(
                     {"payloadFunction": "benchmarks.payloads:noop"},
                     sizes.throughput,
                     maxEventsPerJob=1000,
                     eventsPerRange=per_range,
                 )
+                cpu0 = cpu_by_role(ns.procs)
                 wf, t0 = await ns.submit(wf_file)
                 end = await ns.finished(wf)
+                cpu = cpu_us_per_event(cpu0, cpu_by_role(ns.procs), sizes.throughput)
                 seconds = end.timestamp() - t0
-                return {"seconds": round(seconds, 2), "events_per_s": round(sizes.throughput / seconds)}
+                return {"seconds": round(seconds, 2), "events_per_s": round(sizes.throughput / seconds)} | {
+                    f"cpu_us_per_event_{role}": us for role, us in cpu.items()
+                }
 
         out[f"range_{per_range}"] = await repeat(runs, once)
         print(f"  throughput, range size {per_range}: {out[f'range_{per_range}']}", flush=True)
     out["raw_broker"] = await repeat(runs, lambda: raw_broker(settings.amqp_url, sizes.throughput))
-    for per_range in (1, 10, 100):
+    for per_range in ranges:
         r = out[f"range_{per_range}"]
         r["fraction_of_raw_publish"] = round(r["events_per_s"] / out["raw_broker"]["publish_per_s"], 3)
         r["fraction_of_raw_consume"] = round(r["events_per_s"] / out["raw_broker"]["consume_ack_per_s"], 3)
@@ -507,8 +541,12 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 3, quick 1)")
     parser.add_argument("--only", default="throughput,celery,eventservice,latency,scale")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--events", type=int, default=None, help="events for throughput and celery")
+    parser.add_argument("--ranges", default="1,10,100", help="range sizes for throughput")
     args = parser.parse_args()
     sizes = QUICK if args.quick else Sizes()
+    if args.events:
+        sizes = replace(sizes, throughput=args.events, celery=args.events)
     runs = args.runs or (1 if args.quick else 3)
     only = set(args.only.split(","))
     settings = Settings.from_env()
@@ -520,7 +558,7 @@ async def main() -> None:
     }
     t0 = time.perf_counter()
     if "throughput" in only:
-        report["throughput"] = await throughput(settings, sizes, runs)
+        report["throughput"] = await throughput(settings, sizes, runs, [int(r) for r in args.ranges.split(",")])
     if "celery" in only:
         ours = report.get("throughput", {}).get("range_1", {}).get("events_per_s")
         report["celery"] = await celery(settings, sizes, runs, ours)

@@ -34,10 +34,14 @@ class Outcome:
     ended_at: datetime
     exit_code: int | None = None
     error: str | None = None
+    output: bool = True  # the payload wrote to its output file
 
 
 class Runner(Protocol):
-    async def run(self, payload: str, output: Path, cwd: Path) -> Outcome: ...
+    # True when ``run`` never suspends (a plain function): it needs no task of its own
+    inline: bool
+
+    async def run(self, payload: str, output: str | Path, cwd: Path) -> Outcome: ...
 
 
 def now() -> datetime:
@@ -51,23 +55,29 @@ def command_argv(spec: PayloadSpec, payload: str) -> list[str]:
     return [arg.replace(PAYLOAD_PLACEHOLDER, payload) for arg in shlex.split(spec.command)]
 
 
-def _tail(path: Path) -> str:
-    with path.open("rb") as f:
+def _path(output: str | Path) -> Path:
+    return output if isinstance(output, Path) else Path(output)
+
+
+def _tail(path: str | Path) -> str:
+    with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - ERROR_TAIL))
         return f.read().decode(errors="replace").strip()
 
 
 class CommandRunner:
+    inline = False
+
     def __init__(self, spec: PayloadSpec) -> None:
         self.spec = spec
         if not spec.shell:
             command_argv(spec, "")  # a template shlex cannot split fails at set-up, not per event
 
-    async def run(self, payload: str, output: Path, cwd: Path) -> Outcome:
+    async def run(self, payload: str, output: str | Path, cwd: Path) -> Outcome:
         argv = command_argv(self.spec, payload)
         started = now()
-        with output.open("wb") as out:
+        with _path(output).open("wb") as out:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *argv,
@@ -110,8 +120,9 @@ class FunctionRunner:
         assert spec.function is not None
         self.spec = spec
         self.func = load_function(spec.function)
+        self.inline = not inspect.iscoroutinefunction(self.func)
 
-    async def run(self, payload: str, output: Path, cwd: Path) -> Outcome:
+    async def run(self, payload: str, output: str | Path, cwd: Path) -> Outcome:
         started = now()
         try:
             result = self.func(payload)
@@ -122,10 +133,13 @@ class FunctionRunner:
         except TimeoutError:
             return Outcome("failed", started, now(), None, f"timed out after {self.spec.timeout:g} s")
         except Exception as exc:  # a payload's failure is data: record it, never crash
-            output.write_text(traceback.format_exc())
+            with _path(output).open("w") as out:
+                out.write(traceback.format_exc())
             return Outcome("failed", started, now(), None, f"{type(exc).__name__}: {exc}"[:ERROR_TAIL])
-        if result is not None:
-            output.write_text(f"{result}\n")
+        if result is None:
+            return Outcome("finished", started, now(), 0, output=False)
+        with _path(output).open("w") as out:
+            out.write(f"{result}\n")
         return Outcome("finished", started, now(), 0)
 
 

@@ -1,8 +1,11 @@
 """Status reports: collected, batched into one message, confirmed by RabbitMQ.
 
-``report`` returns once the batch holding the updates is confirmed in es.status, so a
-range is acked only after its statuses are safe. 'running' updates are sent without
-waiting; one that is overtaken before its batch leaves is folded into the final one.
+``report`` returns a future that resolves once the batch holding the updates is
+confirmed in es.status; a range is acked only then, so its statuses are safe before
+RabbitMQ forgets it. Final updates leave at once (while one batch is being confirmed,
+the next one gathers: the batch grows with the load, like a group commit); 'running'
+updates and heartbeats linger a little to share a batch, and one that is overtaken
+before it leaves is folded into the final one.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class StatusReporter:
-    def __init__(self, broker: Broker, worker: str, *, max_batch: int = 500, linger: float = 0.02) -> None:
+    def __init__(self, broker: Broker, worker: str, *, max_batch: int = 1000, linger: float = 0.02) -> None:
         self.broker = broker
         self.worker = worker
         self.max_batch = max_batch
@@ -30,7 +33,7 @@ class StatusReporter:
         self._heartbeat: Heartbeat | None = None
         self._waiters: list[asyncio.Future[None]] = []
         self._has_work = asyncio.Event()
-        self._full = asyncio.Event()
+        self._urgent = asyncio.Event()
 
     def _add(self, updates: Iterable[StatusUpdate]) -> None:
         for u in updates:
@@ -41,7 +44,7 @@ class StatusReporter:
             self._updates[key] = u
         self._has_work.set()
         if len(self._updates) >= self.max_batch:
-            self._full.set()
+            self._urgent.set()
 
     def running(self, update: StatusUpdate) -> None:
         self._add([update])
@@ -51,19 +54,21 @@ class StatusReporter:
         self._heartbeat = beat
         self._has_work.set()
 
-    async def report(self, updates: Iterable[StatusUpdate] = (), logs: Iterable[JobLog] = ()) -> None:
+    def report(self, updates: Iterable[StatusUpdate] = (), logs: Iterable[JobLog] = ()) -> asyncio.Future[None]:
+        """Queue updates and logs; the future resolves once RabbitMQ has confirmed them."""
         self._logs.extend(logs)
         self._add(updates)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(done)
-        await done
+        self._urgent.set()
+        return done
 
     async def run(self) -> None:
         while True:
             await self._has_work.wait()
-            if len(self._updates) < self.max_batch:
+            if not self._urgent.is_set():
                 try:
-                    await asyncio.wait_for(self._full.wait(), self.linger)
+                    await asyncio.wait_for(self._urgent.wait(), self.linger)
                 except TimeoutError:
                     pass
             await self.flush()
@@ -74,23 +79,21 @@ class StatusReporter:
         beat, self._heartbeat = self._heartbeat, None
         waiters, self._waiters = self._waiters, []
         self._has_work.clear()
-        self._full.clear()
-        if not updates and not logs and beat is None:
-            for w in waiters:
-                if not w.done():
-                    w.set_result(None)
-            return
-        body = encode(StatusBatch(worker=self.worker, updates=updates, logs=logs, heartbeat=beat))
+        self._urgent.clear()
+        if updates or logs or beat is not None:
+            await self._publish(encode(StatusBatch(worker=self.worker, updates=updates, logs=logs, heartbeat=beat)))
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def _publish(self, body: bytes) -> None:
         delay = 0.2
         while True:
             try:
                 await self.broker.publish(self.broker.names.status, body)
-                break
+                return
             except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError) as exc:
                 # never dropped: the robust connection comes back and we send again
                 log.warning("status publish failed; retrying", extra={"error": str(exc), "retry_in": delay})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)

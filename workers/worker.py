@@ -2,10 +2,16 @@
 left -> run each payload -> report -> ack -> tear down -> write one log for the job.
 
 Every slot runs one event range at a time (``--slots N``: up to N events at once). A
-worker holds only the ranges it is running (basic.get, never a long-lived prefetch), so a
-slow payload never hides work from other workers. A job is found through an announcement
-on es.jobs, taken only while a slot is free; when a worker takes a job that has more
-ranges than it takes at once, it passes the announcement on so idle workers join.
+worker holds only the ranges it is running or has just run (basic.get, never a
+prefetch), so a slow payload never hides work from other workers, and a worker that dies
+charges an attempt only to what it was running. (A consumer would save the get round
+trip, but RabbitMQ 3.10 counts a delivery for ranges on their way to a consumer when it
+is cancelled, which a worker leaving a job does.) A slot does not wait for the confirm of
+its statuses: the range is acked in the background once they are safe in es.status
+(at most ``ACK_BACKLOG`` ranges per slot wait so). A job is
+found through an announcement on es.jobs, taken only while a slot is free; when a worker
+takes a job that has more ranges than it takes at once, it passes the announcement on so
+idle workers join.
 
 A failed event is retried alone: its next attempt goes into a delay queue (with the job's
 announcement, so that a worker comes back for it), or, out of attempts, to es.dlq.
@@ -25,6 +31,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -50,6 +57,7 @@ from workers.reporter import StatusReporter
 log = logging.getLogger(__name__)
 
 MAX_RETRY_DELAY = 512.0  # seconds: the longest delay step
+ACK_BACKLOG = 8  # ranges per slot that may wait for their statuses' confirm before their ack
 
 
 def new_worker_id() -> str:
@@ -70,13 +78,13 @@ class Job:
     runner: Runner
     work_dir: Path
     segment: Path  # this worker's part of the job log
+    log: BinaryIO  # ... open for appending while the job is held
     drained: bool = False
     cancelled: bool = False
     in_flight: int = 0
     invited: bool = False
     events_done: int = 0
     running: set[asyncio.Task[Outcome]] = field(default_factory=set)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Worker:
@@ -94,6 +102,7 @@ class Worker:
         self.broker = broker
         self.names = broker.names
         self.slots = slots
+        self._ack_backlog = asyncio.Semaphore(ACK_BACKLOG * slots)
         self.work_dir = work_dir
         self.log_dir = log_dir
         self.id = worker_id or new_worker_id()
@@ -107,6 +116,7 @@ class Worker:
         self._announcements: Announcements | None = None
         self._stopping = False
         self._looking: asyncio.Task[object] | None = None  # the slot waiting for an announcement
+        self._acks: set[asyncio.Task[None]] = set()  # ranges waiting for their statuses' confirm
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve jobs until ``stop`` is set; then take no new range, let running events
@@ -130,6 +140,8 @@ class Worker:
             for slot in late:
                 slot.cancel()
             await asyncio.wait(late)
+        if self._acks:  # a range is acked once its statuses are safe, even when stopping
+            await asyncio.wait(self._acks)
         for job in list(self.jobs.values()):
             await self._teardown(job)
         heartbeat.cancel()
@@ -193,15 +205,37 @@ class Worker:
             if got is None:
                 return
             job, message = got
+            confirmed: asyncio.Future[None] | None = None
             try:
-                await self._run_range(job, message)
+                confirmed = await self._run_range(job, message)
             except TRANSIENT as exc:
                 # unacked: RabbitMQ delivers the range again once its channel is gone
                 log.warning("range abandoned: broker unavailable", extra={"job": job.spec.job_id, "error": repr(exc)})
             finally:
-                job.in_flight -= 1
-                if job.drained and job.in_flight == 0:
-                    await self._teardown(job)
+                if confirmed is None:
+                    await self._release(job)
+            if confirmed is not None:  # the slot goes on; the range is acked once its statuses are safe
+                await self._ack_backlog.acquire()
+                ack = asyncio.create_task(self._ack_when_confirmed(job, message, confirmed))
+                self._acks.add(ack)
+                ack.add_done_callback(self._acks.discard)
+
+    async def _ack_when_confirmed(
+        self, job: Job, message: AbstractIncomingMessage, confirmed: asyncio.Future[None]
+    ) -> None:
+        try:
+            await confirmed
+            with contextlib.suppress(Exception):  # a job deleted meanwhile: nothing left to ack
+                await message.ack()
+        finally:
+            self._ack_backlog.release()
+            await self._release(job)
+
+    async def _release(self, job: Job) -> None:
+        """A range of ``job`` is done with; the last one out of a drained job tears it down."""
+        job.in_flight -= 1
+        if job.drained and job.in_flight == 0:
+            await self._teardown(job)
 
     async def _next_range(self) -> tuple[Job, AbstractIncomingMessage] | None:
         """The next range to run, or None once the worker is stopping."""
@@ -218,10 +252,8 @@ class Worker:
                     job.in_flight -= 1
                     raise
                 if message is None:
-                    job.in_flight -= 1
                     job.drained = True
-                    if job.in_flight == 0:
-                        await self._teardown(job)
+                    await self._release(job)
                     continue
                 if not job.invited and (message.message_count or 0) > 0:
                     job.invited = True  # more ranges than we take at once: let an idle worker join
@@ -262,10 +294,15 @@ class Worker:
         work_dir = self.work_dir / f"job-{spec.job_id}-{self.id.replace(':', '-')}"
         work_dir.mkdir(parents=True, exist_ok=True)
         segment = work_dir / "job.log"
-        if spec.payload.setup:
-            await self._job_command(spec.payload.setup, "set-up", work_dir, segment, fail=True)
-        queue = await self.broker.open_job(spec.queue)
-        self.jobs[spec.job_id] = Job(spec, queue, runner, work_dir, segment)
+        job_log = segment.open("ab")
+        try:
+            if spec.payload.setup:
+                await self._job_command(spec.payload.setup, "set-up", work_dir, job_log, fail=True)
+            queue = await self.broker.open_job(spec.queue)
+        except BaseException:
+            job_log.close()
+            raise
+        self.jobs[spec.job_id] = Job(spec, queue, runner, work_dir, segment, job_log)
         self.reporter.heartbeat(self._heartbeat())
         log.info("job set up", extra={"job": spec.job_id, "label": spec.label, "worker": self.id})
 
@@ -275,26 +312,27 @@ class Worker:
         del self.jobs[job.spec.job_id]
         await job.queue.close()
         if job.spec.payload.teardown:
-            await self._job_command(job.spec.payload.teardown, "tear-down", job.work_dir, job.segment, fail=False)
+            await self._job_command(job.spec.payload.teardown, "tear-down", job.work_dir, job.log, fail=False)
+        job.log.close()
         logs = []
         if job.segment.exists():
             logs.append(JobLog(job_id=job.spec.job_id, path=str(self._append_log(job).resolve())))
         shutil.rmtree(job.work_dir, ignore_errors=True)
         self.reporter.heartbeat(self._heartbeat("stopping" if self._stopping else "live"))
         if logs:
-            await self.reporter.report(logs=logs)
+            await self.reporter.report(logs=logs)  # before the job can be seen as over
         log.info("job torn down", extra={"job": job.spec.job_id, "events": job.events_done, "worker": self.id})
 
-    async def _job_command(self, command: str, what: str, work_dir: Path, segment: Path, *, fail: bool) -> None:
+    async def _job_command(self, command: str, what: str, work_dir: Path, job_log: BinaryIO, *, fail: bool) -> None:
         """A job's set-up or tear-down command, its output in the job's log."""
         output = work_dir / f"{what}.out"
         outcome = await CommandRunner(PayloadSpec(command=command)).run("", output, work_dir)
-        with segment.open("ab") as seg:
-            seg.write(f"=== job {what}: {command}\n".encode())
-            if output.exists():
-                seg.write(output.read_bytes())
-                output.unlink()
-            seg.write(f"=== job {what} {outcome.status} exit_code={outcome.exit_code}\n".encode())
+        job_log.write(f"=== job {what}: {command}\n".encode())
+        if output.exists():
+            job_log.write(output.read_bytes())
+            output.unlink()
+        job_log.write(f"=== job {what} {outcome.status} exit_code={outcome.exit_code}\n".encode())
+        job_log.flush()
         if fail and outcome.status != "finished":
             raise RuntimeError(f"job {what} failed: {outcome.error}")
 
@@ -309,19 +347,26 @@ class Worker:
 
     # -- running a range --------------------------------------------------------------
 
-    async def _run_range(self, job: Job, message: AbstractIncomingMessage) -> None:
+    async def _run_range(self, job: Job, message: AbstractIncomingMessage) -> asyncio.Future[None] | None:
+        """Run a range's events; returns the confirm of their statuses, after which the
+        range is to be acked (None: nothing left to do, the range is acked already)."""
         rng = await self.broker.decode_or_dead_letter(message, EventRange, source=job.spec.queue)
         if rng is None:
-            return
+            return None
         if rng.job_id != job.spec.job_id:
             await self.broker.dead_letter(
                 message.body, f"range of job {rng.job_id} in the queue of job {job.spec.job_id}", source=job.spec.queue
             )
             await message.ack()
-            return
+            return None
         # a range redelivered after a worker died counts as a new attempt of its events
         count = (message.headers or {}).get("x-delivery-count", 0)
         redeliveries = count if isinstance(count, int) else 0
+        if redeliveries:
+            log.warning(
+                "range delivered again: counted as a new attempt",
+                extra={"job": job.spec.job_id, "deliveries": redeliveries + 1, "events": len(rng.events)},
+            )
         finals: list[StatusUpdate] = []
         rest: list[EventSpec] = []  # events given back, unstarted or stopped by a shutdown
         try:
@@ -354,9 +399,12 @@ class Worker:
             rest = [
                 e.model_copy(update={"attempt": e.attempt + redeliveries}) for e in rng.events if e.number not in done
             ]
-            await self._finish_range(job, message, finals, rest)
+            confirmed = await self._finish_range(job, finals, rest)
+            await confirmed
+            with contextlib.suppress(Exception):
+                await message.ack()
             raise
-        await self._finish_range(job, message, finals, rest)
+        return await self._finish_range(job, finals, rest)
 
     async def _run_event(self, job: Job, event: EventSpec, attempt: int) -> Outcome | None:
         """Run one payload; None if its job was cancelled meanwhile."""
@@ -370,7 +418,11 @@ class Worker:
                 started_at=now(),
             )
         )
-        output = job.work_dir / f"event-{event.number}.out"
+        output = f"{job.work_dir}/event-{event.number}.out"
+        if job.runner.inline:  # a plain function: it cannot be interrupted, so it needs no task
+            outcome = await job.runner.run(event.payload, output, job.work_dir)
+            self._log_event(job, event, attempt, output, outcome)
+            return outcome
         run = asyncio.create_task(job.runner.run(event.payload, output, job.work_dir))
         job.running.add(run)
         try:
@@ -378,13 +430,12 @@ class Worker:
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if job.cancelled and task is not None and not task.cancelling():
-                await self._log_event(job, event, attempt, output, "cancelled", None, None, 0.0)
+                self._log_event(job, event, attempt, output, None)
                 return None  # `dispatcher cancel`: the event is already cancelled in the bookkeeping
             raise
         finally:
             job.running.discard(run)
-        took = (outcome.ended_at - outcome.started_at).total_seconds()
-        await self._log_event(job, event, attempt, output, outcome.status, outcome.exit_code, outcome.error, took)
+        self._log_event(job, event, attempt, output, outcome)
         return outcome
 
     async def _settle(self, job: Job, event: EventSpec, attempt: int, outcome: Outcome) -> StatusUpdate:
@@ -461,42 +512,37 @@ class Worker:
             error=error,
         )
 
-    async def _finish_range(
-        self, job: Job, message: AbstractIncomingMessage, finals: list[StatusUpdate], rest: list[EventSpec]
-    ) -> None:
-        """Give back what did not run, make the statuses safe, then ack the range."""
+    async def _finish_range(self, job: Job, finals: list[StatusUpdate], rest: list[EventSpec]) -> asyncio.Future[None]:
+        """Give back what did not run and send the statuses; the range may be acked once
+        the returned future resolves (its statuses are then safe in es.status)."""
         if rest and not job.cancelled:
             back = EventRange(workflow_id=job.spec.workflow_id, job_id=job.spec.job_id, events=rest)
             with contextlib.suppress(Exception):  # the job's queue is gone: nothing to give back to
                 await self.broker.publish(job.spec.queue, encode(back))
                 await self.broker.publish(self.names.jobs, encode(job.spec))
-        if finals:
-            await self.reporter.report(finals)  # confirmed in es.status before the range is acked
-        with contextlib.suppress(Exception):  # a job deleted meanwhile: nothing left to ack
-            await message.ack()
         job.events_done += len(finals)
         self.events_done += len(finals)
+        if finals:
+            return self.reporter.report(finals)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
-    async def _log_event(
-        self,
-        job: Job,
-        event: EventSpec,
-        attempt: int,
-        output: Path,
-        status: str,
-        exit_code: int | None,
-        error: str | None,
-        took: float,
-    ) -> None:
+    def _log_event(self, job: Job, event: EventSpec, attempt: int, output: str, outcome: Outcome | None) -> None:
+        """The event's part of the job log: a header, its output, a footer (None: cancelled)."""
+        if outcome is None:
+            status, exit_code, error, took = "cancelled", None, None, 0.0
+        else:
+            status, exit_code, error = outcome.status, outcome.exit_code, outcome.error
+            took = (outcome.ended_at - outcome.started_at).total_seconds()
         header = f"=== event {event.number} attempt {attempt} payload {event.payload!r} worker {self.id}\n"
         footer = f"=== event {event.number} {status} exit_code={exit_code} duration={took:.3f}s" + (
             f" error={error.splitlines()[0][:200]!r}\n" if error else "\n"
         )
-        async with job.lock:
-            with job.segment.open("ab") as seg:
-                seg.write(header.encode())
-                if output.exists():
-                    with output.open("rb") as out:
-                        shutil.copyfileobj(out, seg)
-                    output.unlink()
-                seg.write(footer.encode())
+        # written whole, with no await in between: slots never interleave in the log
+        job.log.write(header.encode())
+        if outcome is None or outcome.output:
+            with contextlib.suppress(FileNotFoundError), open(output, "rb") as out:
+                shutil.copyfileobj(out, job.log)
+                os.unlink(output)
+        job.log.write(footer.encode())
