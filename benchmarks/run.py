@@ -279,8 +279,8 @@ async def throughput(settings: Settings, sizes: Sizes, runs: int, ranges: list[i
         async def once(per_range: int = per_range) -> dict[str, float]:
             async with Namespace(settings, "tp") as ns:
                 ns.start("start", "--no-monitor")
-                ns.start("worker", "--slots", "4", *os.environ.get("BENCH_WORKER_ARGS", "").split())
-                ns.start("worker", "--slots", "4", *os.environ.get("BENCH_WORKER_ARGS", "").split())
+                ns.start("worker", "--slots", "4")
+                ns.start("worker", "--slots", "4")
                 wf_file = ns.workflow(
                     {"payloadFunction": "benchmarks.payloads:noop"},
                     sizes.throughput,

@@ -2,10 +2,11 @@
 
 ``report`` returns a future that resolves once the batch holding the updates is
 confirmed in es.status; a range is acked only then, so its statuses are safe before
-RabbitMQ forgets it. Final updates leave at once (while one batch is being confirmed,
-the next one gathers: the batch grows with the load, like a group commit); 'running'
-updates and heartbeats linger a little to share a batch, and one that is overtaken
-before it leaves is folded into the final one.
+RabbitMQ forgets it. Nobody waits for that with a slot held, so updates linger a few
+milliseconds to share one message (one status message per range would cost RabbitMQ,
+the bookkeeper and Postgres a round each); a batch leaves early when it is full, and
+the next one gathers while it is being confirmed. A 'running' update overtaken by its
+final one before it leaves is folded into it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class StatusReporter:
-    def __init__(self, broker: Broker, worker: str, *, max_batch: int = 1000, linger: float = 0.02) -> None:
+    def __init__(self, broker: Broker, worker: str, *, max_batch: int = 1000, linger: float = 0.01) -> None:
         self.broker = broker
         self.worker = worker
         self.max_batch = max_batch
@@ -60,7 +61,7 @@ class StatusReporter:
         self._add(updates)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(done)
-        self._urgent.set()
+        self._has_work.set()
         return done
 
     async def run(self) -> None:
