@@ -7,6 +7,7 @@ or not confirmed raises, it is never assumed delivered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -28,11 +29,15 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
-# Per-job queues are quorum queues: they count deliveries (x-delivery-count), so a range
-# that keeps killing workers is recognised (the worker gives up on it after
-# MAX_REDELIVERIES; RabbitMQ dead-letters it at DELIVERY_LIMIT should that not happen).
+# Per-job queues are classic durable queues, consumed with a prefetch. A range delivered
+# again after its worker died arrives flagged ``redelivered``; the worker that gets it
+# republishes it with DELIVERIES_HEADER counting such deliveries (and acks the old copy),
+# so a range that keeps killing workers is given up after MAX_REDELIVERIES. (Quorum
+# queues count deliveries themselves, but RabbitMQ 3.10 also counts the ranges on their
+# way to a consumer that is cancelled, which every worker leaving a job does; and
+# creating and deleting hundreds of them a minute left RabbitMQ unresponsive here.)
 MAX_REDELIVERIES = 3
-DELIVERY_LIMIT = 5
+DELIVERIES_HEADER = "es-deliveries"
 
 # One delay queue per backoff step, each with a fixed TTL: a per-message TTL expires only
 # at the head of a queue, so mixed delays in one queue would hold short ones behind long.
@@ -71,30 +76,108 @@ def delay_step(seconds: float) -> int:
 
 
 class JobQueue:
-    """A worker's handle on one job's queue: ``get`` one event range at a time."""
+    """A worker's consumer on one job's queue.
 
-    def __init__(self, channel: AbstractChannel, queue: AbstractQueue) -> None:
+    RabbitMQ pushes ranges, at most ``prefetch`` unacked at once (running, waiting for a
+    slot, or waiting for their statuses to be confirmed), so a worker never hides more
+    than that from other workers, and no range costs a basic.get round trip. ``get``
+    says None once the queue has nothing ready: after ``idle`` seconds without a delivery
+    it asks the queue, and stops consuming if it is empty.
+    """
+
+    def __init__(self, broker: Broker, channel: AbstractChannel, name: str, *, prefetch: int, idle: float) -> None:
+        self._broker = broker
         self._channel = channel
-        self._queue = queue
+        self.name = name
+        self._prefetch = prefetch
+        self._idle = idle
+        self._buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._tag: str | None = None
+        self._closed = False
+        self._check = asyncio.Lock()
+        self.backlog: int | None = None  # ranges ready when we started consuming
 
-    async def get(self) -> AbstractIncomingMessage | None:
-        """The next range, or None when the job has none left (or its queue is gone)."""
+    async def start(self) -> None:
+        await self._channel.set_qos(prefetch_count=self._prefetch)
+        await self.resume()
+
+    async def resume(self) -> None:
+        """Consume (again: new work arrived in a job we still hold)."""
+        if self._tag is not None or self._closed:
+            return
+        self.backlog = await self.ready()
+        if self.backlog is not None:
+            queue = await self._channel.get_queue(self.name, ensure=False)
+            self._tag = await queue.consume(self._deliver, no_ack=False)
+
+    @property
+    def idle(self) -> bool:
+        """No range delivered and waiting for a slot."""
+        return self._buffer.empty()
+
+    async def _deliver(self, message: AbstractIncomingMessage) -> None:
+        self._buffer.put_nowait(message)  # even while closing: close() gives it back
+
+    async def ready(self) -> int | None:
+        """Ranges ready in the queue (not counting unacked ones), None if it is gone."""
         if self._channel.is_closed:
             return None
         try:
-            return await self._queue.get(no_ack=False, fail=False)
+            queue = await self._channel.declare_queue(self.name, passive=True)
         except (aiormq.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError, RuntimeError) as exc:
-            # the job ended and its queue was deleted (RabbitMQ closes the channel for
-            # every slot getting from it), or the connection dropped: nothing to take now
-            log.debug("get from a job queue failed", extra={"queue": self._queue.name, "error": repr(exc)})
+            # the job ended and its queue was deleted, or the connection dropped
+            log.debug("job queue unavailable", extra={"queue": self.name, "error": repr(exc)})
             return None
+        return queue.declaration_result.message_count
 
-    async def close(self) -> None:
-        if not self._channel.is_closed:
+    async def get(self) -> AbstractIncomingMessage | None:
+        """The next range, or None when the job has none left for us (or its queue is gone)."""
+        while True:
+            if not self._buffer.empty():
+                return self._buffer.get_nowait()
+            if self._tag is None or self._channel.is_closed:
+                return None
             try:
-                await self._channel.close()
-            except (aiormq.exceptions.AMQPError, RuntimeError):
+                return await asyncio.wait_for(self._buffer.get(), self._idle)
+            except TimeoutError:
                 pass
+            async with self._check:  # one slot asks; the others find the answer
+                if self._tag is not None and self._buffer.empty() and not await self.ready():
+                    # a classic queue sends every delivery before the cancel's answer:
+                    # they land in the buffer and are served first
+                    await self.stop_consuming()
+
+    async def stop_consuming(self) -> None:
+        tag, self._tag = self._tag, None
+        if tag is not None and not self._channel.is_closed:
+            queue = await self._channel.get_queue(self.name, ensure=False)
+            with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
+                await queue.cancel(tag)
+
+    async def give_back(self, message: AbstractIncomingMessage) -> None:
+        """Republished as it was, then acked: not counted as a delivery (a requeue would
+        come back flagged ``redelivered``, as if it had killed a worker)."""
+        with contextlib.suppress(Exception):
+            await self._broker.publish(self.name, message.body, headers=dict(message.headers or {}))
+            await message.ack()
+
+    async def close(self, *, give_back: bool = True) -> None:
+        """Stop consuming; ranges delivered but never started go back to the queue
+        (or, ``give_back=False``, are dropped: their job was cancelled)."""
+        self._closed = True
+        await self.stop_consuming()
+        for _ in range(4):  # deliveries read before the cancel's answer: let them land
+            await asyncio.sleep(0)
+        while not self._buffer.empty():
+            message = self._buffer.get_nowait()
+            if give_back:
+                await self.give_back(message)
+            else:
+                with contextlib.suppress(Exception):
+                    await message.ack()
+        if not self._channel.is_closed:
+            with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
+                await self._channel.close()
 
 
 class Broker:
@@ -244,8 +327,6 @@ class Broker:
             name,
             durable=True,
             arguments={
-                "x-queue-type": "quorum",
-                "x-delivery-limit": DELIVERY_LIMIT,
                 "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": self.names.dead_ranges,
             },
@@ -267,10 +348,11 @@ class Broker:
             if not ch.is_closed:
                 await ch.close()
 
-    async def open_job(self, name: str) -> JobQueue:
-        ch = await self.channel()
-        queue = await ch.get_queue(name, ensure=False)
-        return JobQueue(ch, queue)
+    async def open_job(self, name: str, *, prefetch: int = 1, idle: float = 0.025) -> JobQueue:
+        """A consumer on a job's queue (see JobQueue)."""
+        queue = JobQueue(self, await self.channel(), name, prefetch=prefetch, idle=idle)
+        await queue.start()
+        return queue
 
     async def consume(self, queue_name: str, handler: Handler, *, prefetch: int) -> Callable[[], Awaitable[None]]:
         """Consume with bounded prefetch; returns a coroutine function that stops it."""

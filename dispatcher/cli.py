@@ -155,6 +155,13 @@ def monitor(monitor_host: str | None, monitor_port: int | None, **conn: Any) -> 
 @connection_options
 @click.option("--slots", type=click.IntRange(min=1), default=1, show_default=True, help="Events run at once.")
 @click.option(
+    "--prefetch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Ranges held at once: running, waiting for a slot or for their ack [default: slots]. More keeps slots "
+    "busy with payloads of milliseconds; a worker that dies charges an attempt to all it held.",
+)
+@click.option(
     "--work-dir",
     type=click.Path(path_type=Path),
     default=None,
@@ -170,7 +177,9 @@ def monitor(monitor_host: str | None, monitor_port: int | None, **conn: Any) -> 
     show_default=True,
     help="On SIGTERM: seconds running events may take to finish before they are stopped and given back.",
 )
-def worker(slots: int, work_dir: Path | None, log_dir: Path | None, grace: float, **conn: Any) -> None:
+def worker(
+    slots: int, prefetch: int | None, work_dir: Path | None, log_dir: Path | None, grace: float, **conn: Any
+) -> None:
     """Run a worker (the pilot): take jobs, run their events, report every status."""
     from dispatcher.broker import Broker
     from workers.worker import Worker
@@ -185,6 +194,7 @@ def worker(slots: int, work_dir: Path | None, log_dir: Path | None, grace: float
             await Worker(
                 broker,
                 slots=slots,
+                prefetch=prefetch,
                 work_dir=settings.work_dir,
                 log_dir=settings.log_dir,
                 grace=grace,

@@ -11,7 +11,7 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
 from dispatcher.bookkeeper import Bookkeeper
-from dispatcher.broker import DELIVERY_LIMIT, Broker
+from dispatcher.broker import Broker
 from dispatcher.config import Settings
 from dispatcher.finisher import Finisher
 from dispatcher.releaser import Releaser
@@ -140,17 +140,19 @@ class ControlPlane:
         return lost
 
     async def _on_dead_range(self, message: AbstractIncomingMessage) -> None:
-        """A range RabbitMQ dead-lettered at its delivery limit: its events fail, each
-        with a dead letter, so none stays 'running' in the bookkeeping."""
+        """A range RabbitMQ dead-lettered (a job queue's policy rejected or expired it):
+        its events fail, each with a dead letter, so none stays 'running' in the
+        bookkeeping. (Workers give up on ranges that keep killing them themselves.)"""
         rng = await self.broker.decode_or_dead_letter(message, EventRange, source=self.broker.names.dead_ranges)
         if rng is None:
             return
         jobs = await patiently(lambda: self.store.jobs_to_publish([rng.job_id]), what="dead range")
         label = jobs[0].label if jobs else "?"
-        reason = f"delivered {DELIVERY_LIMIT} times without an answer: it keeps killing workers"
+        death = (message.headers or {}).get("x-first-death-reason")
+        reason = f"RabbitMQ dead-lettered the range ({death!s})"
         updates = []
         for event in rng.events:
-            attempt = event.attempt + DELIVERY_LIMIT
+            attempt = event.attempt
             dead = DeadLetter(
                 workflow_id=rng.workflow_id,
                 job_id=rng.job_id,

@@ -21,6 +21,9 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,  # includes "connection does not exist" / "connection was closed"
     asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, cannot connect now
+    # a pooled connection whose server went away mid-operation (seen once Postgres is
+    # restarted); the pool drops it on release, the retry gets another
+    asyncpg.InternalClientError,
     aiormq.exceptions.AMQPError,
     aio_pika.exceptions.ChannelInvalidStateError,
     RuntimeError,  # aio-pika: "Connection was not opened" / "... closed" while reconnecting

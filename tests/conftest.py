@@ -25,6 +25,7 @@ import pytest
 from dispatcher import migrate
 from dispatcher.broker import Broker
 from dispatcher.config import DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, Names, Settings
+from dispatcher.retry import patiently
 from dispatcher.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,7 +156,8 @@ async def broker(settings: Settings, store: Store) -> AsyncIterator[Broker]:
     for name in map(settings.names.job, job_ids):
         with contextlib.suppress(aiormq.exceptions.AMQPError):
             await b.delete_queue(name)
-    await b.delete_topology()
+    # after a RabbitMQ restart our robust connection may still be on its way back
+    await patiently(b.delete_topology, what="test clean-up", max_delay=1.0)
     await b.close()
 
 

@@ -6,6 +6,8 @@ State that must survive a worker's death lives in marker files, named by the pay
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 
 
@@ -31,3 +33,10 @@ async def sleepy(payload: str) -> str:
     """``SECONDS`` or ``SECONDS:anything``: sleeps, then succeeds."""
     await asyncio.sleep(float(payload.split(":")[0]))
     return f"slept {payload}"
+
+
+def deadly(payload: str) -> str:
+    """``die:X`` kills the worker's process (as an OOM kill would); anything else succeeds."""
+    if payload.startswith("die:"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return f"done {payload}"

@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from dispatcher.broker import Broker
+from dispatcher.broker import MAX_REDELIVERIES, Broker
 from dispatcher.config import Settings
 from dispatcher.store import Store
 from dispatcher.submit import submit
@@ -103,6 +103,33 @@ async def test_worker_killed_mid_event_its_work_is_finished_by_another(
     assert await store.pool.fetchval("SELECT count(*) FROM workers WHERE status = 'lost'") == 1
     await assert_consistent(store)
     await assert_no_job_queues(store, broker, wf)
+
+
+async def test_a_range_that_keeps_killing_workers_is_given_up(
+    settings: Settings, store: Store, broker: Broker, procs: Processes, tmp_path: Path
+) -> None:
+    wf = await submit(
+        store,
+        write_workflow(tmp_path, {"isr": ["die:1", "ok:2"]}, function="tests.payloads:deadly", per_job=2),
+    )
+    procs.start("start")
+    workers = [procs.start("worker")]
+
+    async def ended() -> bool:
+        if workers[-1].poll() is not None:  # killed by the range: the next worker comes
+            assert len(workers) <= MAX_REDELIVERIES + 1, f"too many workers killed\n{procs.logs()}"
+            workers.append(procs.start("worker"))
+        return bool(await store.pool.fetchval("SELECT status <> 'running' FROM workflows WHERE id = $1", wf))
+
+    await eventually(ended, timeout=90, what="the workflow to end")
+    # each worker that got the range back counted its loss in the range itself
+    assert sum(w.poll() == -signal.SIGKILL for w in workers) == MAX_REDELIVERIES
+    rows = {r["payload"]: dict(r) for r in await store.pool.fetch("SELECT payload, status, attempt, error FROM events")}
+    assert rows["ok:2"]["status"] == "finished"
+    assert rows["die:1"]["status"] == "failed" and rows["die:1"]["attempt"] == MAX_REDELIVERIES + 1
+    assert "keeps killing workers" in rows["die:1"]["error"]
+    assert await store.pool.fetchval("SELECT status FROM workflows WHERE id = $1", wf) == "failed"
+    await assert_consistent(store)
 
 
 def _rabbitmqctl(*args: str) -> None:

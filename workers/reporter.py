@@ -2,10 +2,11 @@
 
 ``report`` returns a future that resolves once the batch holding the updates is
 confirmed in es.status; a range is acked only then, so its statuses are safe before
-RabbitMQ forgets it. Nobody waits for that with a slot held, so updates linger a few
+RabbitMQ forgets it. A slot does not wait for that, so updates linger a few
 milliseconds to share one message (one status message per range would cost RabbitMQ,
-the bookkeeper and Postgres a round each); a batch leaves early when it is full, and
-the next one gathers while it is being confirmed. A 'running' update overtaken by its
+the bookkeeper and Postgres a round each); a batch leaves early when it is full, or when a
+slot has nothing to run until a range is acked (``hurry``: a consumer gets a new range
+only for an acked one), and the next one gathers while it is being confirmed. A 'running' update overtaken by its
 final one before it leaves is folded into it.
 """
 
@@ -63,6 +64,11 @@ class StatusReporter:
         self._waiters.append(done)
         self._has_work.set()
         return done
+
+    def hurry(self) -> None:
+        """Send what waits for a confirm now: a slot is idle until a range is acked."""
+        if self._waiters:
+            self._urgent.set()
 
     async def run(self) -> None:
         while True:

@@ -2,13 +2,12 @@
 left -> run each payload -> report -> ack -> tear down -> write one log for the job.
 
 Every slot runs one event range at a time (``--slots N``: up to N events at once). A
-worker holds only the ranges it is running or has just run (basic.get, never a
-prefetch), so a slow payload never hides work from other workers, and a worker that dies
-charges an attempt only to what it was running. (A consumer would save the get round
-trip, but RabbitMQ 3.10 counts a delivery for ranges on their way to a consumer when it
-is cancelled, which a worker leaving a job does.) A slot does not wait for the confirm of
-its statuses: the range is acked in the background once they are safe in es.status
-(at most ``ACK_BACKLOG`` ranges per slot wait so). A job is
+worker consumes a job's queue with a bounded prefetch (``--prefetch``, default one range
+per slot), so it never hides more than that from other workers. A slot does not wait
+for the confirm of its statuses: the range is acked in the background once they are safe
+in es.status. A larger prefetch keeps slots busy between a range's end and its ack (for
+payloads of a few milliseconds it is worth it), but a worker that dies then charges an
+attempt to the ranges it held without having started them. A job is
 found through an announcement on es.jobs, taken only while a slot is free; when a worker
 takes a job that has more ranges than it takes at once, it passes the announcement on so
 idle workers join.
@@ -35,7 +34,7 @@ from typing import BinaryIO
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from dispatcher.broker import MAX_REDELIVERIES, Announcements, Broker, JobQueue
+from dispatcher.broker import DELIVERIES_HEADER, MAX_REDELIVERIES, Announcements, Broker, JobQueue
 from dispatcher.retry import TRANSIENT
 from schemas.messages import (
     CancelJobs,
@@ -57,11 +56,16 @@ from workers.reporter import StatusReporter
 log = logging.getLogger(__name__)
 
 MAX_RETRY_DELAY = 512.0  # seconds: the longest delay step
-ACK_BACKLOG = 8  # ranges per slot that may wait for their statuses' confirm before their ack
 
 
 def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def _deliveries(message: AbstractIncomingMessage) -> int:
+    """How many times the range was lost with a worker (see dispatcher.broker)."""
+    count = (message.headers or {}).get(DELIVERIES_HEADER, 0)
+    return count if isinstance(count, int) else 0
 
 
 def retry_delay(base: float, attempt: int) -> float:
@@ -98,11 +102,12 @@ class Worker:
         worker_id: str | None = None,
         grace: float = 30.0,
         heartbeat_interval: float = 5.0,
+        prefetch: int | None = None,
     ) -> None:
         self.broker = broker
         self.names = broker.names
         self.slots = slots
-        self._ack_backlog = asyncio.Semaphore(ACK_BACKLOG * slots)
+        self.prefetch = prefetch or slots
         self.work_dir = work_dir
         self.log_dir = log_dir
         self.id = worker_id or new_worker_id()
@@ -132,6 +137,8 @@ class Worker:
         await asyncio.wait([stopper, reporter, *slots], return_when=asyncio.FIRST_COMPLETED)
         self._stopping = True
         self.reporter.heartbeat(self._heartbeat("stopping"))
+        for job in list(self.jobs.values()):  # take no new range (what was delivered goes back)
+            await job.queue.stop_consuming()
         if self._looking is not None:  # waiting for an announcement: nothing to finish
             self._looking.cancel()
         _, late = await asyncio.wait(slots, timeout=self.grace)
@@ -188,6 +195,10 @@ class Worker:
                 job.cancelled = job.drained = True
                 for run in job.running:
                     run.cancel()
+                # slots waiting for its ranges stop waiting (its queue is deleted soon)
+                stop = asyncio.create_task(job.queue.stop_consuming())
+                self._acks.add(stop)
+                stop.add_done_callback(self._acks.discard)
 
     # -- finding work -----------------------------------------------------------------
 
@@ -215,7 +226,6 @@ class Worker:
                 if confirmed is None:
                     await self._release(job)
             if confirmed is not None:  # the slot goes on; the range is acked once its statuses are safe
-                await self._ack_backlog.acquire()
                 ack = asyncio.create_task(self._ack_when_confirmed(job, message, confirmed))
                 self._acks.add(ack)
                 ack.add_done_callback(self._acks.discard)
@@ -228,7 +238,6 @@ class Worker:
             with contextlib.suppress(Exception):  # a job deleted meanwhile: nothing left to ack
                 await message.ack()
         finally:
-            self._ack_backlog.release()
             await self._release(job)
 
     async def _release(self, job: Job) -> None:
@@ -246,6 +255,8 @@ class Worker:
                 # counted before the get: a slot that finds the queue empty must not tear
                 # the job down (closing its channel) under a range another slot just got
                 job.in_flight += 1
+                if job.queue.idle:  # no range at hand: the next comes once one is acked
+                    self.reporter.hurry()
                 try:
                     message = await job.queue.get()
                 except BaseException:
@@ -255,9 +266,6 @@ class Worker:
                     job.drained = True
                     await self._release(job)
                     continue
-                if not job.invited and (message.message_count or 0) > 0:
-                    job.invited = True  # more ranges than we take at once: let an idle worker join
-                    await self.broker.publish(self.names.jobs, encode(job.spec))
                 return job, message
             async with self._announcement_lock:
                 if self._stopping or any(not j.drained for j in self.jobs.values()):
@@ -278,6 +286,9 @@ class Worker:
         job = self.jobs.get(spec.job_id)
         if job is not None:
             job.drained = job.cancelled  # new work in a job we still hold
+            if not job.drained:
+                await job.queue.resume()
+                await self._invite(job)
         else:
             try:
                 await self._setup(spec)
@@ -298,19 +309,27 @@ class Worker:
         try:
             if spec.payload.setup:
                 await self._job_command(spec.payload.setup, "set-up", work_dir, job_log, fail=True)
-            queue = await self.broker.open_job(spec.queue)
+            queue = await self.broker.open_job(spec.queue, prefetch=self.prefetch)
         except BaseException:
             job_log.close()
             raise
-        self.jobs[spec.job_id] = Job(spec, queue, runner, work_dir, segment, job_log)
+        job = self.jobs[spec.job_id] = Job(spec, queue, runner, work_dir, segment, job_log)
         self.reporter.heartbeat(self._heartbeat())
+        await self._invite(job)
         log.info("job set up", extra={"job": spec.job_id, "label": spec.label, "worker": self.id})
+
+    async def _invite(self, job: Job) -> None:
+        """More ranges ready than we take at once: pass the announcement on, once, so
+        that an idle worker joins."""
+        if not job.invited and (job.queue.backlog or 0) > self.prefetch:
+            job.invited = True
+            await self.broker.publish(self.names.jobs, encode(job.spec))
 
     async def _teardown(self, job: Job) -> None:
         if self.jobs.get(job.spec.job_id) is not job:
             return
         del self.jobs[job.spec.job_id]
-        await job.queue.close()
+        await job.queue.close(give_back=not job.cancelled)
         if job.spec.payload.teardown:
             await self._job_command(job.spec.payload.teardown, "tear-down", job.work_dir, job.log, fail=False)
         job.log.close()
@@ -350,6 +369,17 @@ class Worker:
     async def _run_range(self, job: Job, message: AbstractIncomingMessage) -> asyncio.Future[None] | None:
         """Run a range's events; returns the confirm of their statuses, after which the
         range is to be acked (None: nothing left to do, the range is acked already)."""
+        if message.redelivered:
+            # its worker died (or RabbitMQ restarted) before acking it: count that in the
+            # range itself, so that a range that keeps killing workers is recognised
+            deliveries = _deliveries(message) + 1
+            await self.broker.publish(job.spec.queue, message.body, headers={DELIVERIES_HEADER: deliveries})
+            await message.ack()
+            log.warning(
+                "range delivered again after its worker was lost: counted as a new attempt",
+                extra={"job": job.spec.job_id, "deliveries": deliveries},
+            )
+            return None
         rng = await self.broker.decode_or_dead_letter(message, EventRange, source=job.spec.queue)
         if rng is None:
             return None
@@ -360,13 +390,7 @@ class Worker:
             await message.ack()
             return None
         # a range redelivered after a worker died counts as a new attempt of its events
-        count = (message.headers or {}).get("x-delivery-count", 0)
-        redeliveries = count if isinstance(count, int) else 0
-        if redeliveries:
-            log.warning(
-                "range delivered again: counted as a new attempt",
-                extra={"job": job.spec.job_id, "deliveries": redeliveries + 1, "events": len(rng.events)},
-            )
+        redeliveries = _deliveries(message)
         finals: list[StatusUpdate] = []
         rest: list[EventSpec] = []  # events given back, unstarted or stopped by a shutdown
         try:
@@ -378,6 +402,20 @@ class Worker:
                     break
                 attempt = event.attempt + redeliveries
                 if redeliveries >= MAX_REDELIVERIES:
+                    # the attempts lost with their workers, recorded (their 'running' may
+                    # never have left), then the last one, given up
+                    finals.extend(
+                        StatusUpdate(
+                            job_id=job.spec.job_id,
+                            number=event.number,
+                            attempt=lost,
+                            status="failed",
+                            worker=self.id,
+                            ended_at=now(),
+                            error="lost with its worker (the range was delivered again)",
+                        )
+                        for lost in range(event.attempt, attempt)
+                    )
                     finals.append(
                         await self._give_up(
                             job,
@@ -396,15 +434,13 @@ class Worker:
             # the grace period ran out mid-event: give the unfinished events back with their
             # attempt unchanged (a shutdown is not a failure of the payload)
             done = {u.number for u in finals}
-            rest = [
-                e.model_copy(update={"attempt": e.attempt + redeliveries}) for e in rng.events if e.number not in done
-            ]
-            confirmed = await self._finish_range(job, finals, rest)
+            rest = [e for e in rng.events if e.number not in done]
+            confirmed = await self._finish_range(job, finals, rest, redeliveries)
             await confirmed
             with contextlib.suppress(Exception):
                 await message.ack()
             raise
-        return await self._finish_range(job, finals, rest)
+        return await self._finish_range(job, finals, rest, redeliveries)
 
     async def _run_event(self, job: Job, event: EventSpec, attempt: int) -> Outcome | None:
         """Run one payload; None if its job was cancelled meanwhile."""
@@ -512,16 +548,21 @@ class Worker:
             error=error,
         )
 
-    async def _finish_range(self, job: Job, finals: list[StatusUpdate], rest: list[EventSpec]) -> asyncio.Future[None]:
-        """Give back what did not run and send the statuses; the range may be acked once
-        the returned future resolves (its statuses are then safe in es.status)."""
+    async def _finish_range(
+        self, job: Job, finals: list[StatusUpdate], rest: list[EventSpec], redeliveries: int
+    ) -> asyncio.Future[None]:
+        """Give back what did not run (keeping the range's count of lost deliveries) and
+        send the statuses; the range may be acked once the returned future resolves
+        (its statuses are then safe in es.status)."""
         if rest and not job.cancelled:
             back = EventRange(workflow_id=job.spec.workflow_id, job_id=job.spec.job_id, events=rest)
+            headers = {DELIVERIES_HEADER: redeliveries} if redeliveries else None
             with contextlib.suppress(Exception):  # the job's queue is gone: nothing to give back to
-                await self.broker.publish(job.spec.queue, encode(back))
+                await self.broker.publish(job.spec.queue, encode(back), headers=headers)
                 await self.broker.publish(self.names.jobs, encode(job.spec))
-        job.events_done += len(finals)
-        self.events_done += len(finals)
+        events = len({u.number for u in finals})  # a given-up event may carry its lost attempts
+        job.events_done += events
+        self.events_done += events
         if finals:
             return self.reporter.report(finals)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()

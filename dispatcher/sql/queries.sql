@@ -128,9 +128,15 @@ UPDATE events e SET
     ended_at = u.ended_at,
     exit_code = u.exit_code,
     error = u.error
-FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::text[],
-            $6::timestamptz[], $7::timestamptz[], $8::int[], $9::text[])
-     AS u(job_id, number, attempt, status, worker, started_at, ended_at, exit_code, error)
+FROM (
+    -- one row per event, its newest update: an UPDATE joined to several rows of one
+    -- event would apply an arbitrary one (a batch may hold several attempts of it)
+    SELECT DISTINCT ON (job_id, number) *
+    FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::text[],
+                $6::timestamptz[], $7::timestamptz[], $8::int[], $9::text[])
+         AS u(job_id, number, attempt, status, worker, started_at, ended_at, exit_code, error)
+    ORDER BY job_id, number, attempt DESC, es_status_rank(status) DESC
+) AS u
 WHERE e.job_id = u.job_id AND e.number = u.number
   AND e.status NOT IN ('finished', 'failed', 'cancelled')
   AND (u.attempt > e.attempt OR (u.attempt = e.attempt AND es_status_rank(u.status) > es_status_rank(e.status)))
