@@ -348,7 +348,7 @@ class Broker:
             if not ch.is_closed:
                 await ch.close()
 
-    async def open_job(self, name: str, *, prefetch: int = 1, idle: float = 0.025) -> JobQueue:
+    async def open_job(self, name: str, *, prefetch: int = 1, idle: float = 0.01) -> JobQueue:
         """A consumer on a job's queue (see JobQueue)."""
         queue = JobQueue(self, await self.channel(), name, prefetch=prefetch, idle=idle)
         await queue.start()

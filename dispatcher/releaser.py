@@ -19,7 +19,9 @@ from schemas.messages import EventRange, EventSpec, JobAnnouncement, PayloadSpec
 
 log = logging.getLogger(__name__)
 
-PUBLISH_CONCURRENCY = 16
+# jobs published at once: each job's ranges are pipelined already, and a job published
+# alone is announced sooner (submit -> first event running)
+PUBLISH_CONCURRENCY = 2
 
 
 def announcement(job: JobToPublish, queue: str) -> JobAnnouncement:
@@ -87,14 +89,16 @@ class Releaser:
         jobs = await self.store.jobs_to_publish(job_ids)
         limit = asyncio.Semaphore(PUBLISH_CONCURRENCY)
 
-        async def ranges(job: JobToPublish) -> None:
+        async def release(job: JobToPublish) -> None:
+            # each job announced as soon as its ranges are in: the first events start
+            # while the rest of the window is still being published
             async with limit:
                 await self._publish_ranges(job)
+                # queued in the bookkeeping before announced: a worker's first status finds it queued
+                await self.store.mark_jobs_queued([job.id])
+                await self.announce([job])
 
-        await asyncio.gather(*(ranges(job) for job in jobs))
-        # queued in the bookkeeping before announced: a worker's first status finds it queued
-        await self.store.mark_jobs_queued([job.id for job in jobs])
-        await self.announce(jobs)
+        await asyncio.gather(*(release(job) for job in jobs))
 
     async def announce_ids(self, job_ids: Sequence[int]) -> None:
         if job_ids:

@@ -135,6 +135,12 @@ def encode(message: _Wire) -> bytes:
 
 def decode(body: bytes, model: type[M]) -> M:
     """Decode one message; any problem becomes a ``MessageError`` naming it."""
+    try:  # the common case, parsed and validated in one pass by pydantic-core
+        message = model.model_validate_json(body)
+        if "v" in message.model_fields_set:  # a version it must state, not default
+            return message
+    except ValidationError:
+        pass  # parsed again below, to say precisely what is wrong
     try:
         raw = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

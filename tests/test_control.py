@@ -91,13 +91,14 @@ async def test_replayed_and_stale_status_messages_change_nothing(
     await broker.publish(broker.names.status, encode(done))
     await wait_applied(control, 2)
     # pipeinit finished -> isr released: its 28 jobs are announced
-    isr_jobs = await eventually(
+    # (each job is marked queued as soon as its ranges are published)
+    assert await eventually(
         lambda: store.pool.fetchval(
-            "SELECT count(*) FROM jobs j JOIN tasks t ON t.id = j.task_id WHERE t.label = 'isr' AND j.status = 'queued'"
+            "SELECT count(*) = 28 FROM jobs j JOIN tasks t ON t.id = j.task_id "
+            "WHERE t.label = 'isr' AND j.status = 'queued'"
         ),
-        what="isr queued",
+        what="all 28 isr jobs queued",
     )
-    assert isr_jobs == 28
     assert await broker.queue_depth(broker.names.job(ann.job_id)) is None  # finished job: queue deleted
     before = await snapshot(store)
     stale = StatusBatch(

@@ -339,7 +339,7 @@ class Worker:
         shutil.rmtree(job.work_dir, ignore_errors=True)
         self.reporter.heartbeat(self._heartbeat("stopping" if self._stopping else "live"))
         if logs:
-            await self.reporter.report(logs=logs)  # before the job can be seen as over
+            self.reporter.report(logs=logs)  # sent with the next batch: the next job need not wait
         log.info("job torn down", extra={"job": job.spec.job_id, "events": job.events_done, "worker": self.id})
 
     async def _job_command(self, command: str, what: str, work_dir: Path, job_log: BinaryIO, *, fail: bool) -> None:

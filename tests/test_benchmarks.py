@@ -1,0 +1,52 @@
+"""The benchmark in --quick mode, so that it cannot rot: every scenario runs end to end
+against the real services and the report comes out whole. Its figures are not checked
+against the targets here (the machines are shared and noisy); only that they exist."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dispatcher.config import Settings
+from tests.conftest import ROOT
+from tests.test_e2e import cli_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_benchmark_runs_every_scenario_and_writes_its_report(settings: Settings, tmp_path: Path) -> None:
+    env = cli_env(settings) | {"PYTHONPATH": str(ROOT)}
+    env.pop("DISPATCHER_QUEUE_PREFIX", None)  # the benchmark takes a namespace of its own per scenario
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "report-quick.json").read_text())
+    assert report["mode"] == "quick"
+    tp = report["throughput"]
+    for size in (1, 10, 100):
+        figures = tp[f"range_{size}"]
+        assert figures["events_per_s"] > 0 and figures["cpu_us_per_event_worker"] > 0
+        assert 0 < figures["fraction_of_raw_consume"]
+    assert tp["raw_broker"]["publish_per_s"] > 0 and tp["raw_broker"]["consume_ack_per_s"] > 0
+    assert report["celery"]["tasks_per_s"] > 0 and report["celery"]["ratio_ours_range1_to_celery"] > 0
+    es = report["eventservice"]
+    assert es["with_eventservice"]["jobs_set_up"] < es["with_eventservice"]["payloads"]
+    assert es["one_payload_per_job"]["jobs_set_up"] == es["one_payload_per_job"]["payloads"]
+    assert report["latency"]["bookkeeping_p99_ms"] >= report["latency"]["bookkeeping_p50_ms"] > 0
+    scale = report["scale"]
+    assert scale["control_plane_events_published"] > 0 and scale["submit_peak_rss_mib"] > 0
+    # every target has a measured value, and the report shows each one
+    assert all(t["measured"] is not None and t["met"] in ("yes", "no") for t in report["targets"].values())
+    page = (tmp_path / "report-quick.md").read_text()
+    assert all(name in page for name in report["targets"])
+    assert (tmp_path / "report-quick.png").read_bytes().startswith(b"\x89PNG")
