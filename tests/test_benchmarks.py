@@ -45,6 +45,7 @@ def test_quick_benchmark_runs_every_scenario_and_writes_its_report(settings: Set
     assert report["latency"]["bookkeeping_p99_ms"] >= report["latency"]["bookkeeping_p50_ms"] > 0
     scale = report["scale"]
     assert scale["control_plane_events_published"] > 0 and scale["submit_peak_rss_mib"] > 0
+    assert scale["run_events_per_s"] > 0 and scale["control_plane_rss_mib_by_percent_done"]
     # every target has a measured value, and the report shows each one
     assert all(t["measured"] is not None and t["met"] in ("yes", "no") for t in report["targets"].values())
     page = (tmp_path / "report-quick.md").read_text()
