@@ -27,10 +27,11 @@ import random
 import shutil
 import socket
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -121,7 +122,8 @@ class Worker:
         self._announcements: Announcements | None = None
         self._stopping = False
         self._looking: asyncio.Task[object] | None = None  # the slot waiting for an announcement
-        self._acks: set[asyncio.Task[None]] = set()  # ranges waiting for their statuses' confirm
+        # acks waiting for their statuses' confirm, and consumers being stopped
+        self._background: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve jobs until ``stop`` is set; then take no new range, let running events
@@ -147,8 +149,8 @@ class Worker:
             for slot in late:
                 slot.cancel()
             await asyncio.wait(late)
-        if self._acks:  # a range is acked once its statuses are safe, even when stopping
-            await asyncio.wait(self._acks)
+        if self._background:  # a range is acked once its statuses are safe, even when stopping
+            await asyncio.wait(self._background)
         for job in list(self.jobs.values()):
             await self._teardown(job)
         heartbeat.cancel()
@@ -196,9 +198,7 @@ class Worker:
                 for run in job.running:
                     run.cancel()
                 # slots waiting for its ranges stop waiting (its queue is deleted soon)
-                stop = asyncio.create_task(job.queue.stop_consuming())
-                self._acks.add(stop)
-                stop.add_done_callback(self._acks.discard)
+                self._in_background(job.queue.stop_consuming())
 
     # -- finding work -----------------------------------------------------------------
 
@@ -226,9 +226,13 @@ class Worker:
                 if confirmed is None:
                     await self._release(job)
             if confirmed is not None:  # the slot goes on; the range is acked once its statuses are safe
-                ack = asyncio.create_task(self._ack_when_confirmed(job, message, confirmed))
-                self._acks.add(ack)
-                ack.add_done_callback(self._acks.discard)
+                self._in_background(self._ack_when_confirmed(job, message, confirmed))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task the worker keeps (and waits for when it stops)."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _ack_when_confirmed(
         self, job: Job, message: AbstractIncomingMessage, confirmed: asyncio.Future[None]
