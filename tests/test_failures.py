@@ -176,6 +176,17 @@ async def assert_consistent(store: Store) -> None:
             assert r["attempt_status"] == r["status"], dict(r)
             assert r["n"] == r["last"] >= r["attempt"], dict(r)
 
+    # an attempt lost with its worker does not stay 'running': the next one records its end.
+    # (A range rerun after a broker restart may still be running when its workflow, whose
+    # events all ended before, is finished: its end comes a moment later.)
+    async def none_stranded() -> bool:
+        return not await store.pool.fetchval(
+            "SELECT count(*) FROM attempts a JOIN events e USING (job_id, number) "
+            "WHERE a.status = 'running' AND e.status <> 'cancelled'"
+        )
+
+    await eventually(none_stranded, timeout=10, what="no attempt left 'running'")
+
 
 async def test_failed_events_are_retried_alone_then_dead_lettered_then_replayed(
     cluster: Cluster, store: Store, broker: Broker, tmp_path: Path
@@ -398,6 +409,38 @@ async def test_a_range_that_keeps_killing_workers_is_given_up_with_a_dead_letter
     [dead] = await dead_letters(broker)
     assert dead.payload == failed[0] and "keeps killing workers" in (dead.error or "")
     await assert_no_job_queues(store, broker, wf)
+
+
+async def test_a_range_delivered_again_before_it_ran_records_the_attempt_it_lost(
+    cluster: Cluster, store: Store, broker: Broker, tmp_path: Path
+) -> None:
+    # a range that a worker held in its prefetch when it died (or RabbitMQ restarted)
+    # comes back as a new attempt though it never ran: attempt 1 has no row yet
+    wf = await submit(store, write_workflow(tmp_path, {"isr": ["ok:1"]}))
+    job_id = await store.pool.fetchval("SELECT id FROM jobs")
+    await eventually(lambda: broker.queue_depth(broker.names.job(job_id)), what="the job's range")
+    ch = await broker.channel()
+    queue = await ch.get_queue(broker.names.job(job_id), ensure=False)
+    message = await queue.get(no_ack=False, fail=False)
+    assert message is not None
+    await broker.publish(broker.names.job(job_id), message.body, headers={DELIVERIES_HEADER: 1})
+    await message.ack()
+    await ch.close()
+    worker, _, _ = await cluster.worker(slots=1)
+    assert await wait_workflow(store, wf) == "finished"
+    await eventually(
+        lambda: store.pool.fetchval("SELECT count(*) = 2 FROM attempts"), what="both attempts recorded"
+    )
+    attempts = [
+        (r["attempt"], r["status"], r["worker"], r["started_at"] is None, r["error"])
+        for r in await store.pool.fetch("SELECT * FROM attempts ORDER BY attempt")
+    ]
+    assert attempts == [
+        (1, "failed", worker.id, True, "lost with its worker (the range was delivered again)"),
+        (2, "finished", worker.id, False, None),
+    ]
+    assert (await events(store))["ok:1"] == ("finished", 2)
+    await assert_consistent(store)
 
 
 async def test_replay_killed_after_the_bookkeeping_step_publishes_on_the_next_run(

@@ -405,21 +405,10 @@ class Worker:
                     rest = list(rng.events[i:])
                     break
                 attempt = event.attempt + redeliveries
+                # the attempts lost with their workers, recorded as failed and retried (the
+                # range may never have started there: without them attempts would have a gap)
+                finals.extend(self._lost_attempts(job, event, attempt))
                 if redeliveries >= MAX_REDELIVERIES:
-                    # the attempts lost with their workers, recorded (their 'running' may
-                    # never have left), then the last one, given up
-                    finals.extend(
-                        StatusUpdate(
-                            job_id=job.spec.job_id,
-                            number=event.number,
-                            attempt=lost,
-                            status="failed",
-                            worker=self.id,
-                            ended_at=now(),
-                            error="lost with its worker (the range was delivered again)",
-                        )
-                        for lost in range(event.attempt, attempt)
-                    )
                     finals.append(
                         await self._give_up(
                             job,
@@ -500,6 +489,22 @@ class Worker:
                 job, event, attempt, outcome.started_at, outcome.exit_code, outcome.error, ended_at=outcome.ended_at
             )
         return self._update(job, event, attempt, outcome, "finished")
+
+    def _lost_attempts(self, job: Job, event: EventSpec, attempt: int) -> list[StatusUpdate]:
+        """The attempts before ``attempt`` that the range's redeliveries charged. 'retrying'
+        never moves an event already further along, nor an attempt that did end."""
+        return [
+            StatusUpdate(
+                job_id=job.spec.job_id,
+                number=event.number,
+                attempt=lost,
+                status="retrying",
+                worker=self.id,
+                ended_at=now(),
+                error="lost with its worker (the range was delivered again)",
+            )
+            for lost in range(event.attempt, attempt)
+        ]
 
     def _update(self, job: Job, event: EventSpec, attempt: int, outcome: Outcome, status: str) -> StatusUpdate:
         return StatusUpdate(

@@ -143,7 +143,8 @@ WHERE e.job_id = u.job_id AND e.number = u.number
 RETURNING e.job_id;
 
 -- name: record_attempts
--- An attempt that failed and is retried was, as an attempt, 'failed'.
+-- An attempt that failed and is retried was, as an attempt, 'failed'. So was one lost with
+-- its worker: the worker that gets the range back reports it 'retrying', without a start.
 INSERT INTO attempts AS a (job_id, number, attempt, status, worker, started_at, ended_at, exit_code, error)
 SELECT u.job_id, u.number, u.attempt, CASE u.status WHEN 'retrying' THEN 'failed' ELSE u.status END,
        u.worker, u.started_at, u.ended_at, u.exit_code, u.error
@@ -153,7 +154,8 @@ FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::text[],
 WHERE EXISTS (SELECT 1 FROM events e WHERE e.job_id = u.job_id AND e.number = u.number)
 ON CONFLICT (job_id, number, attempt) DO UPDATE SET
     status = excluded.status,
-    worker = excluded.worker,
+    -- an update without a start is an attempt found lost by another worker: it ran on the first
+    worker = CASE WHEN excluded.started_at IS NULL THEN a.worker ELSE excluded.worker END,
     started_at = coalesce(excluded.started_at, a.started_at),
     ended_at = excluded.ended_at,
     exit_code = excluded.exit_code,
