@@ -12,7 +12,7 @@ from typing import Any
 
 SETUPS = {
     "throughput": "In-process no-op payloads (`payloadFunction`), jobs of 1,000 events, 2 workers "
-    "(`dispatcher worker --slots 4 --prefetch 16`), one control plane, full bookkeeping: events/s from the "
+    "(`dispatcher worker {worker_args}`), one control plane, full bookkeeping: events/s from the "
     "start of `dispatcher submit` until the workflow is `finished` in Postgres. Raw broker: aio-pika alone, "
     "publish with confirms, then consume + ack, the same number of messages, in the same run.",
     "celery": "The same no-op payloads as Celery tasks on the same RabbitMQ: 2 worker processes (solo pool), "
@@ -26,10 +26,15 @@ SETUPS = {
     "(Python's start-up and the submission itself included); and for each finished attempt, when Postgres "
     "recorded it minus when it ended.",
     "scale": "`dispatcher submit` of a tenth and of all the events (jobs of 1,000, ranges of 100): wall time "
-    "and peak RSS; `dispatcher start` publishing its first window of jobs; then 2 workers (`--slots 4 "
-    "--prefetch 16`, no-op payloads) run every event while the control plane releases window after window: "
+    "and peak RSS; `dispatcher start` publishing its first window of jobs; then 2 workers (`{worker_args}`, "
+    "no-op payloads) run every event while the control plane releases window after window: "
     "its RSS as the run goes on and its peak.",
 }
+
+
+def _setup(scenario: str, results: dict[str, Any]) -> str:
+    """A scenario's setup, with the worker options the run used."""
+    return SETUPS[scenario].format(worker_args=results.get("worker_args", "--slots 4 --prefetch 16"))
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -59,7 +64,7 @@ def markdown(report: dict[str, Any]) -> str:
             ]
             for r in ranges
         ]
-        lines += ["", f"**1. Throughput**, {tp['events']:,} events. {SETUPS['throughput']}", ""]
+        lines += ["", f"**1. Throughput**, {tp['events']:,} events. {_setup('throughput', tp)}", ""]
         lines += _table(
             ["range size", "events/s", "seconds", "of raw consume", *(f"CPU µs/event: {r}" for r in roles)], rows
         )
@@ -120,7 +125,7 @@ def markdown(report: dict[str, Any]) -> str:
         )
     sc = report.get("scale")
     if sc:
-        lines += ["", f"**5. Scale**, {sc['events']:,} events. {SETUPS['scale']}", ""]
+        lines += ["", f"**5. Scale**, {sc['events']:,} events. {_setup('scale', sc)}", ""]
         lines += _table(
             ["", "events", "seconds", "peak RSS MiB"],
             [

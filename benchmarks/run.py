@@ -52,7 +52,7 @@ from dispatcher.config import Settings
 ROOT = Path(__file__).resolve().parent.parent
 # workers for no-op payloads: 4 slots, and 16 ranges held so that slots never wait for
 # an ack to get their next range (the setting the README gives for payloads of ms)
-NOOP_WORKER = ("--slots", "4", "--prefetch", "16")
+NOOP_WORKER = ("--slots", "4", "--prefetch", "64")
 RESULTS = Path(__file__).parent / "results"
 BIN = Path(sys.executable).parent
 
@@ -516,7 +516,12 @@ async def submit_measured(ns: Namespace, path: Path) -> tuple[float, float]:
 
 
 async def scale(settings: Settings, sizes: Sizes) -> dict[str, Any]:
-    out: dict[str, Any] = {"events": sizes.scale, "events_per_job": 1000, "events_per_range": 100}
+    out: dict[str, Any] = {
+        "events": sizes.scale,
+        "events_per_job": 1000,
+        "events_per_range": 100,
+        "worker_args": " ".join(NOOP_WORKER),
+    }
     label = {"payloadFunction": "benchmarks.payloads:noop"}
     async with Namespace(settings, "scale") as ns:  # memory must not grow with the events
         tenth = ns.workflow(label, sizes.scale // 10, maxEventsPerJob=1000, eventsPerRange=100)

@@ -6,17 +6,21 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
+from dispatcher.bookkeeper import Bookkeeper
 from dispatcher.broker import Broker
 from dispatcher.config import Settings
 from dispatcher.control import ControlPlane
+from dispatcher.finisher import Finisher
 from dispatcher.store import Store
 from dispatcher.submit import submit
 from schemas.messages import EventRange, JobAnnouncement, StatusBatch, StatusUpdate, decode, encode
 from tests.conftest import EXAMPLES
 from tests.helpers import eventually
+from tests.test_failures import write_workflow
 from tests.test_store import snapshot
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -205,3 +209,35 @@ async def test_status_for_an_unknown_job_is_dead_lettered(control: ControlPlane,
     assert decode(msg.body, StatusBatch) == batch  # kept whole, for a person to read
     # the known update in the same message was applied
     assert await store.pool.fetchval("SELECT status FROM events WHERE job_id = $1", ann.job_id) == "finished"
+
+
+async def test_bookkeeper_holds_one_transaction_of_updates_decoded_the_rest_as_bodies(
+    store: Store, broker: Broker, tmp_path: Path
+) -> None:
+    await submit(store, write_workflow(tmp_path, {"isr": [f"ok:{i}" for i in range(400)]}, per_job=400))
+    job_id = await store.pool.fetchval("SELECT id FROM jobs")
+    for first in range(0, 400, 20):  # 20 messages of 20 updates
+        batch = StatusBatch(
+            worker="w",
+            updates=[
+                StatusUpdate(job_id=job_id, number=n, attempt=1, status="finished", worker="w", ended_at=T0)
+                for n in range(first, first + 20)
+            ],
+        )
+        await broker.publish(broker.names.status, encode(batch))
+    bookkeeper = Bookkeeper(store, broker, Finisher(store, broker, lambda: None), batch_size=50, linger=0.01)
+    await bookkeeper.start()
+    try:
+        await eventually(lambda: asyncio.sleep(0, len(bookkeeper._pending) == 20), what="all 20 messages delivered")
+        decoded = [b for _, b in bookkeeper._pending if b is not None]
+        assert len(decoded) == 3  # 60 updates: the one that reached batch_size is the last decoded
+        sizes = []
+        while bookkeeper._pending:
+            before = bookkeeper.applied
+            await bookkeeper.flush()
+            sizes.append(bookkeeper.applied - before)
+        assert sizes == [60, 60, 60, 60, 60, 60, 40]  # about batch_size per transaction, in order
+        assert await store.pool.fetchval("SELECT count(*) FROM events WHERE status = 'finished'") == 400
+        assert await broker.queue_depth(broker.names.status) == 0
+    finally:
+        await bookkeeper.stop()

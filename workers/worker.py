@@ -437,6 +437,14 @@ class Worker:
 
     async def _run_event(self, job: Job, event: EventSpec, attempt: int) -> Outcome | None:
         """Run one payload; None if its job was cancelled meanwhile."""
+        output = f"{job.work_dir}/event-{event.number}.out"
+        if job.runner.inline:
+            # a plain function blocks the loop while it runs: it cannot be interrupted, so
+            # it needs no task, and its 'running' could not leave before it ended, so it
+            # gets none (its final update carries its start)
+            outcome = await job.runner.run(event.payload, output, job.work_dir)
+            self._log_event(job, event, attempt, output, outcome)
+            return outcome
         self.reporter.running(
             StatusUpdate(
                 job_id=job.spec.job_id,
@@ -447,11 +455,6 @@ class Worker:
                 started_at=now(),
             )
         )
-        output = f"{job.work_dir}/event-{event.number}.out"
-        if job.runner.inline:  # a plain function: it cannot be interrupted, so it needs no task
-            outcome = await job.runner.run(event.payload, output, job.work_dir)
-            self._log_event(job, event, attempt, output, outcome)
-            return outcome
         run = asyncio.create_task(job.runner.run(event.payload, output, job.work_dir))
         job.running.add(run)
         try:
