@@ -110,8 +110,8 @@ class Bookkeeper:
         logs = [lg for _, b in taken for lg in b.logs]
         beats = [(b.worker, b.heartbeat) for _, b in taken if b.heartbeat is not None]
         # unacked until committed: a database outage only makes us wait
-        moved = await patiently(lambda: self.store.apply(updates, logs, beats), what="bookkeeping")
-        unknown = await patiently(lambda: self.store.unknown_events(updates), what="bookkeeping") if updates else set()
+        applied = await patiently(lambda: self.store.apply_batch(updates, logs, beats), what="bookkeeping")
+        moved, unknown = applied.moved, applied.unknown
         for message, batch in taken:
             bad = [u for u in batch.updates if (u.job_id, u.number) in unknown]
             if bad:  # poison: an update for no event we know; the rest of it was applied

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -97,6 +98,10 @@ class JobQueue:
         self._closed = False
         self._check = asyncio.Lock()
         self.backlog: int | None = None  # ranges ready when we started consuming
+        # acks: delivery tags in delivery order, those done with, those acked alone
+        self._unacked: deque[int] = deque()
+        self._done: set[int] = set()
+        self._acked_alone: set[int] = set()
 
     async def start(self) -> None:
         await self._channel.set_qos(prefetch_count=self._prefetch)
@@ -117,7 +122,36 @@ class JobQueue:
         return self._buffer.empty()
 
     async def _deliver(self, message: AbstractIncomingMessage) -> None:
+        self._unacked.append(message.delivery_tag or 0)
         self._buffer.put_nowait(message)  # even while closing: close() gives it back
+
+    async def ack(self, message: AbstractIncomingMessage) -> None:
+        """Ack a range this queue delivered. Ranges whose statuses one batch confirmed
+        are acked together: one basic.ack with ``multiple`` up to the last of them once
+        every earlier delivery is done with (at ranges of one event, an ack frame per
+        range cost the worker and RabbitMQ as much as the range). A range done before
+        an earlier one (still running) is acked alone, so that it frees its prefetch."""
+        tag = message.delivery_tag or 0
+        self._done.add(tag)
+        await asyncio.sleep(0)  # the other slots woken by the same confirm add theirs
+        upto = None
+        while self._unacked and (self._unacked[0] in self._done or self._unacked[0] in self._acked_alone):
+            head = self._unacked.popleft()
+            if head in self._done:
+                upto = head  # never one acked alone: RabbitMQ would not know that tag
+            self._done.discard(head)
+            self._acked_alone.discard(head)
+        alone = tag in self._done  # behind a range still running
+        if alone:
+            self._done.discard(tag)
+            self._acked_alone.add(tag)
+        # wait=False: the frames are queued at once, in this order, with the state above
+        # (an ack overtaken by a later multiple one would name a tag RabbitMQ forgot)
+        channel = await self._channel.get_underlay_channel()
+        if upto is not None:
+            await channel.basic_ack(upto, multiple=True, wait=False)
+        if alone:
+            await channel.basic_ack(tag, wait=False)
 
     async def ready(self) -> int | None:
         """Ranges ready in the queue (not counting unacked ones), None if it is gone."""
@@ -160,7 +194,7 @@ class JobQueue:
         come back flagged ``redelivered``, as if it had killed a worker)."""
         with contextlib.suppress(Exception):
             await self._broker.publish(self.name, message.body, headers=dict(message.headers or {}))
-            await message.ack()
+            await self.ack(message)
 
     async def close(self, *, give_back: bool = True) -> None:
         """Stop consuming; ranges delivered but never started go back to the queue
@@ -175,7 +209,7 @@ class JobQueue:
                 await self.give_back(message)
             else:
                 with contextlib.suppress(Exception):
-                    await message.ack()
+                    await self.ack(message)
         if not self._channel.is_closed:
             with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
                 await self._channel.close()
@@ -306,14 +340,22 @@ class Broker:
         """Publish concurrently (confirms are pipelined), waiting for every confirm."""
         await asyncio.gather(*(self.publish(key, body) for key, body in items))
 
-    async def decode_or_dead_letter(self, message: AbstractIncomingMessage, model: type[M], *, source: str) -> M | None:
+    async def decode_or_dead_letter(
+        self,
+        message: AbstractIncomingMessage,
+        model: type[M],
+        *,
+        source: str,
+        ack: Callable[[AbstractIncomingMessage], Awaitable[None]] | None = None,
+    ) -> M | None:
         """The message as ``model``; a poison message goes to es.dlq with the reason
-        (and is acked), and None is returned: it is never executed, never retried."""
+        (and is acked, through ``ack`` if given), and None is returned: it is never
+        executed, never retried."""
         try:
             return decode(message.body, model)
         except MessageError as exc:
             await self.dead_letter(message.body, str(exc), source=source)
-            await message.ack()
+            await (ack(message) if ack is not None else message.ack())
             return None
 
     async def dead_letter(self, body: bytes, reason: str, *, source: str) -> None:

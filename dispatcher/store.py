@@ -41,6 +41,12 @@ class JobToPublish:
 
 
 @dataclass(frozen=True)
+class Applied:
+    moved: set[int]  # jobs whose events moved
+    unknown: set[tuple[int, int]]  # (job, event) of updates that name no event: poison
+
+
+@dataclass(frozen=True)
 class Finished:
     jobs: list[tuple[int, str]]  # (job id, status)
     tasks: list[tuple[int, str]]
@@ -200,6 +206,15 @@ class Store:
         heartbeats: Sequence[tuple[str, Heartbeat]] = (),
     ) -> set[int]:
         """Apply a batch of status updates in one transaction; returns the jobs it moved."""
+        return (await self.apply_batch(updates, logs, heartbeats)).moved
+
+    async def apply_batch(
+        self,
+        updates: Sequence[StatusUpdate],
+        logs: Sequence[JobLog] = (),
+        heartbeats: Sequence[tuple[str, Heartbeat]] = (),
+    ) -> Applied:
+        """``apply``, also saying which updates name no event."""
         updates = newest_updates(updates)
         cols = _columns(updates)
         async with self.pool.acquire() as conn, conn.transaction():
@@ -212,7 +227,12 @@ class Store:
                     ],
                 )
             moved = {r["job_id"] for r in await conn.fetch(q("apply_updates"), *cols)}
-            await conn.execute(q("record_attempts"), *cols)
+            recorded = await conn.execute(q("record_attempts"), *cols)  # "INSERT 0 <rows>"
+            unknown: set[tuple[int, int]] = set()
+            # every update recorded (the usual case): none can name an unknown event
+            if int(recorded.rsplit(" ", 1)[-1]) < len(updates):
+                rows = await conn.fetch(q("unknown_events"), cols[0], cols[1])
+                unknown = {(r["job_id"], r["number"]) for r in rows}
             if moved:
                 await conn.execute(q("mark_jobs_running"), list(moved))
             if logs:
@@ -221,11 +241,7 @@ class Store:
             if touched:
                 wfs = [r["workflow_id"] for r in await conn.fetch(q("job_workflows"), list(touched))]
                 await conn.execute(q("notify_progress"), wfs)
-        return moved
-
-    async def unknown_events(self, updates: Sequence[StatusUpdate]) -> set[tuple[int, int]]:
-        rows = await self.pool.fetch(q("unknown_events"), [u.job_id for u in updates], [u.number for u in updates])
-        return {(r["job_id"], r["number"]) for r in rows}
+        return Applied(moved, unknown)
 
     # -- workers and lost work --------------------------------------------------------
 

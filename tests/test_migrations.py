@@ -21,6 +21,9 @@ CATALOG = {
     "functions": """
         SELECT proname, pg_get_functiondef(oid) FROM pg_proc
         WHERE pronamespace = 'public'::regnamespace ORDER BY 1""",
+    "storage": """
+        SELECT relname, reloptions FROM pg_class
+        WHERE relnamespace = 'public'::regnamespace AND relkind = 'r' ORDER BY 1""",
     "versions": "SELECT version, name FROM schema_version ORDER BY 1",
 }
 

@@ -153,6 +153,11 @@ async def test_updates_for_unknown_events_are_ignored(store: Store) -> None:
     before = await snapshot(store)
     assert await store.apply([update(job + 999, n, 1, "finished"), update(job, 10**9, 1, "running")]) == set()
     assert await snapshot(store) == before
+    # named, next to a known one that is applied, and a duplicate that is not unknown
+    applied = await store.apply_batch([update(job, n, 1, "running"), update(job + 999, n, 1, "finished")])
+    assert (applied.moved, applied.unknown) == ({job}, {(job + 999, n)})
+    applied = await store.apply_batch([update(job, n, 1, "running")])  # recorded already: 0 rows
+    assert (applied.moved, applied.unknown) == (set(), set())
 
 
 async def test_finish_is_idempotent_and_releases_children(store: Store) -> None:

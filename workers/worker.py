@@ -240,7 +240,7 @@ class Worker:
         try:
             await confirmed
             with contextlib.suppress(Exception):  # a job deleted meanwhile: nothing left to ack
-                await message.ack()
+                await job.queue.ack(message)
         finally:
             await self._release(job)
 
@@ -378,20 +378,20 @@ class Worker:
             # range itself, so that a range that keeps killing workers is recognised
             deliveries = _deliveries(message) + 1
             await self.broker.publish(job.spec.queue, message.body, headers={DELIVERIES_HEADER: deliveries})
-            await message.ack()
+            await job.queue.ack(message)
             log.warning(
                 "range delivered again after its worker was lost: counted as a new attempt",
                 extra={"job": job.spec.job_id, "deliveries": deliveries},
             )
             return None
-        rng = await self.broker.decode_or_dead_letter(message, EventRange, source=job.spec.queue)
+        rng = await self.broker.decode_or_dead_letter(message, EventRange, source=job.spec.queue, ack=job.queue.ack)
         if rng is None:
             return None
         if rng.job_id != job.spec.job_id:
             await self.broker.dead_letter(
                 message.body, f"range of job {rng.job_id} in the queue of job {job.spec.job_id}", source=job.spec.queue
             )
-            await message.ack()
+            await job.queue.ack(message)
             return None
         # a range redelivered after a worker died counts as a new attempt of its events
         redeliveries = _deliveries(message)
@@ -431,7 +431,7 @@ class Worker:
             confirmed = await self._finish_range(job, finals, rest, redeliveries)
             await confirmed
             with contextlib.suppress(Exception):
-                await message.ack()
+                await job.queue.ack(message)
             raise
         return await self._finish_range(job, finals, rest, redeliveries)
 

@@ -1,0 +1,77 @@
+"""A worker's consumer on a job's queue (dispatcher.broker.JobQueue) against the real
+RabbitMQ: how it acks ranges."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from dispatcher.broker import Broker, JobQueue
+
+
+async def delivered(broker: Broker, n: int) -> tuple[JobQueue, list[AbstractIncomingMessage]]:
+    name = broker.names.job(1)
+    await broker.declare_job_queue(name)
+    for i in range(n):
+        await broker.publish(name, f"range {i}".encode())
+    jq = await broker.open_job(name, prefetch=n)
+    messages = []
+    for _ in range(n):
+        message = await jq.get()
+        assert message is not None
+        messages.append(message)
+    return jq, messages
+
+
+async def acks_sent(jq: JobQueue) -> list[tuple[int, bool]]:
+    """Record the basic.ack frames the queue's channel sends (the real frames still go)."""
+    sent: list[tuple[int, bool]] = []
+    channel = await jq._channel.get_underlay_channel()
+    real = channel.basic_ack
+
+    async def basic_ack(tag: int, multiple: bool = False, **kwargs: Any) -> None:
+        sent.append((tag, multiple))
+        await real(tag, multiple=multiple, **kwargs)
+
+    channel.basic_ack = basic_ack  # type: ignore[method-assign]
+    return sent
+
+
+async def settled(broker: Broker, jq: JobQueue) -> int | None:
+    """Ranges back in the queue once the consumer's channel is closed: any not acked."""
+    await asyncio.sleep(0.1)
+    assert not jq._channel.is_closed, "an ack named a delivery tag RabbitMQ did not know"
+    await jq.close(give_back=False)
+    await asyncio.sleep(0.1)
+    depth = await broker.queue_depth(jq.name)
+    await broker.delete_queue(jq.name)
+    return depth
+
+
+async def test_ranges_confirmed_together_are_acked_in_one_frame(broker: Broker) -> None:
+    jq, messages = await delivered(broker, 10)
+    sent = await acks_sent(jq)
+    await asyncio.gather(*(jq.ack(m) for m in messages))
+    assert sent == [(messages[-1].delivery_tag, True)]
+    assert await settled(broker, jq) == 0
+
+
+async def test_a_range_done_behind_a_running_one_is_acked_alone(broker: Broker) -> None:
+    jq, (first, second, third, fourth) = await delivered(broker, 4)
+    sent = await acks_sent(jq)
+    await jq.ack(second)  # the first is still running: the second must not wait for it
+    await jq.ack(fourth)
+    assert sent == [(second.delivery_tag, False), (fourth.delivery_tag, False)]
+    await jq.ack(first)  # the prefix up to the first (the second was acked alone already)
+    assert sent[2:] == [(first.delivery_tag, True)]
+    await jq.ack(third)  # first..fourth all done: the last multiple names the third
+    assert sent[3:] == [(third.delivery_tag, True)]
+    assert await settled(broker, jq) == 0
+
+
+async def test_ranges_not_acked_go_back_to_the_queue(broker: Broker) -> None:
+    jq, messages = await delivered(broker, 5)
+    await asyncio.gather(*(jq.ack(m) for m in messages[:2]), jq.ack(messages[3]))
+    assert await settled(broker, jq) == 2  # the third and the fifth
