@@ -7,6 +7,7 @@ or not confirmed raises, it is never assumed delivered.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 from collections import deque
@@ -103,18 +104,26 @@ class JobQueue:
         self._done: set[int] = set()
         self._acked_alone: set[int] = set()
 
-    async def start(self) -> None:
-        await self._channel.set_qos(prefetch_count=self._prefetch)
-        await self.resume()
+    async def start(self, *, consume: bool = True) -> None:
+        """Look at the queue (``backlog``), and consume it unless told not to yet."""
+        self.backlog = await self.ready()
+        if consume:
+            await self.consume()
 
     async def resume(self) -> None:
-        """Consume (again: new work arrived in a job we still hold)."""
-        if self._tag is not None or self._closed:
-            return
-        self.backlog = await self.ready()
-        if self.backlog is not None:
+        """Consume again: new work arrived in a job we still hold."""
+        if self._tag is None and not self._closed:
+            self.backlog = await self.ready()
+            await self.consume()
+
+    async def consume(self) -> None:
+        if self._tag is None and not self._closed and self.backlog is not None:
             queue = await self._channel.get_queue(self.name, ensure=False)
-            self._tag = await queue.consume(self._deliver, no_ack=False)
+            try:
+                self._tag = await queue.consume(self._deliver, no_ack=False)
+            except (aiormq.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError, RuntimeError) as exc:
+                # the job ended meanwhile (its queue deleted): ``get`` says there is nothing
+                log.debug("job queue unavailable", extra={"queue": self.name, "error": repr(exc)})
 
     @property
     def idle(self) -> bool:
@@ -122,7 +131,9 @@ class JobQueue:
         return self._buffer.empty()
 
     async def _deliver(self, message: AbstractIncomingMessage) -> None:
-        self._unacked.append(message.delivery_tag or 0)
+        # kept in order even if deliveries' tasks ran out of order: a multiple ack must
+        # never cover a range still running
+        bisect.insort(self._unacked, message.delivery_tag or 0)
         self._buffer.put_nowait(message)  # even while closing: close() gives it back
 
     async def ack(self, message: AbstractIncomingMessage) -> None:
@@ -391,11 +402,19 @@ class Broker:
             if not ch.is_closed:
                 await ch.close()
 
-    async def open_job(self, name: str, *, prefetch: int = 1, idle: float = 0.01) -> JobQueue:
-        """A consumer on a job's queue (see JobQueue)."""
-        queue = JobQueue(self, await self.channel(), name, prefetch=prefetch, idle=idle)
-        await queue.start()
+    async def open_job(self, name: str, *, prefetch: int = 1, idle: float = 0.01, consume: bool = True) -> JobQueue:
+        """A consumer on a job's queue (see JobQueue); ``consume=False``: only looked at
+        (``backlog``) until its ``consume()``."""
+        queue = JobQueue(self, await self._job_channel(prefetch), name, prefetch=prefetch, idle=idle)
+        await queue.start(consume=consume)
         return queue
+
+    async def _job_channel(self, prefetch: int) -> AbstractChannel:
+        # a channel per job: closing it is what returns to the queue a delivery that
+        # lands after the consumer stopped (the channel's prefetch is per job, too)
+        channel = await self.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        return channel
 
     async def consume(self, queue_name: str, handler: Handler, *, prefetch: int) -> Callable[[], Awaitable[None]]:
         """Consume with bounded prefetch; returns a coroutine function that stops it."""

@@ -292,7 +292,7 @@ class Worker:
             job.drained = job.cancelled  # new work in a job we still hold
             if not job.drained:
                 await job.queue.resume()
-                await self._invite(job)
+                self._invite(job)
         else:
             try:
                 await self._setup(spec)
@@ -305,29 +305,48 @@ class Worker:
     # -- a job's life -----------------------------------------------------------------
 
     async def _setup(self, spec: JobAnnouncement) -> None:
-        runner = runner_for(spec.payload)
-        work_dir = self.work_dir / f"job-{spec.job_id}-{self.id.replace(':', '-')}"
-        work_dir.mkdir(parents=True, exist_ok=True)
-        segment = work_dir / "job.log"
-        job_log = segment.open("ab")
+        queue = await self.broker.open_job(spec.queue, prefetch=self.prefetch, consume=False)
+        if queue.backlog is None:
+            # an announcement of a job that ended (its queue is deleted), passed on or
+            # sent again: setting it up would cost its set-up command for nothing. (With
+            # nothing ready but the queue there, it is set up: a retry's range may reach
+            # the queue a moment after its announcement reached es.jobs.)
+            await queue.close()
+            log.debug("announced job has ended: not set up", extra={"job": spec.job_id})
+            return
+        job_log: BinaryIO | None = None
         try:
+            runner = runner_for(spec.payload)
+            work_dir = self.work_dir / f"job-{spec.job_id}-{self.id.replace(':', '-')}"
+            work_dir.mkdir(parents=True, exist_ok=True)
+            segment = work_dir / "job.log"
+            job_log = segment.open("ab")
             if spec.payload.setup:
                 await self._job_command(spec.payload.setup, "set-up", work_dir, job_log, fail=True)
-            queue = await self.broker.open_job(spec.queue, prefetch=self.prefetch)
+            await queue.consume()  # only now: no range waits in our buffer during the set-up
         except BaseException:
-            job_log.close()
+            if job_log is not None:
+                job_log.close()
+            await queue.close()
             raise
         job = self.jobs[spec.job_id] = Job(spec, queue, runner, work_dir, segment, job_log)
         self.reporter.heartbeat(self._heartbeat())
-        await self._invite(job)
+        self._invite(job)
         log.info("job set up", extra={"job": spec.job_id, "label": spec.label, "worker": self.id})
 
-    async def _invite(self, job: Job) -> None:
+    def _invite(self, job: Job) -> None:
         """More ranges ready than we take at once: pass the announcement on, once, so
-        that an idle worker joins."""
+        that an idle worker joins. In the background: the slots need not wait for its
+        confirm, and an invitation lost with the broker only means nobody joins."""
         if not job.invited and (job.queue.backlog or 0) > self.prefetch:
             job.invited = True
-            await self.broker.publish(self.names.jobs, encode(job.spec))
+            self._in_background(self._pass_on(job.spec))
+
+    async def _pass_on(self, spec: JobAnnouncement) -> None:
+        try:
+            await self.broker.publish(self.names.jobs, encode(spec))
+        except TRANSIENT as exc:
+            log.warning("job not passed on: broker unavailable", extra={"job": spec.job_id, "error": repr(exc)})
 
     async def _teardown(self, job: Job) -> None:
         if self.jobs.get(job.spec.job_id) is not job:
