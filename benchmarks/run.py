@@ -170,13 +170,20 @@ class Namespace:
             await asyncio.sleep(0.05)
 
     async def submit(self, path: Path) -> tuple[int, float]:
-        """(workflow id, wall-clock time the submission started)."""
+        """(workflow id, wall-clock time the submission started). ``submit_returned`` is
+        when it printed the workflow id, right after its commit: the process takes some
+        tens of milliseconds more to exit, and by then the first events may have run."""
         t0 = time.time()
-        out = subprocess.run(
-            [str(BIN / "dispatcher"), "submit", str(path)], env=self.env, capture_output=True, check=True
+        proc = subprocess.Popen(
+            [str(BIN / "dispatcher"), "submit", str(path)], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # click.echo flushes it
         self.submit_returned = time.time()
-        return int(out.stdout.decode().strip()), t0
+        _, err = proc.communicate()
+        if proc.returncode or not line.strip():
+            raise RuntimeError(f"dispatcher submit failed ({proc.returncode}): {err.decode()[-2000:]}")
+        return int(line.decode().strip()), t0
 
     async def finished(self, wf: int, timeout: float = 3600) -> datetime:
         deadline = time.monotonic() + timeout
