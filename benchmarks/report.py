@@ -22,9 +22,9 @@ SETUPS = {
     "one payload per job. Wall time from the committed workflow (the `dispatcher submit` process adds about "
     "0.5 s); overhead = (workers x wall - payload time - set-up time) / events, set-ups counted in the job logs.",
     "latency": "2 idle workers, then a workflow of no-op events: the first event's `started_at` minus the "
-    "moment `dispatcher submit` returned (the workflow committed), and minus the moment the process started "
-    "(Python's start-up and the submission itself included); and for each finished attempt, when Postgres "
-    "recorded it minus when it ended.",
+    "moment `dispatcher submit` printed the workflow id (right after its commit), and minus the moment the "
+    "process started (Python's start-up and the submission itself included); and for each finished attempt, "
+    "when Postgres recorded it minus when it ended.",
     "scale": "`dispatcher submit` of a tenth and of all the events (jobs of 1,000, ranges of 100): wall time "
     "and peak RSS; `dispatcher start` publishing its first window of jobs; then 2 workers (`{worker_args}`, "
     "no-op payloads) run every event while the control plane releases window after window: "
