@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from functools import partial
 
 from dispatcher.broker import Broker
+from dispatcher.retry import patiently
 from dispatcher.store import Finished, Store
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,10 @@ class Finisher:
             return Finished([], [], [])
         done = await self.store.finish(ids)
         for job_id, status in done.jobs:
-            await self.broker.delete_queue(self.broker.names.job(job_id))
+            # waited out here, not by retrying the whole check: the job is finished in
+            # Postgres already, so a second check would not find it to delete its queue
+            delete = partial(self.broker.delete_queue, self.broker.names.job(job_id))
+            await patiently(delete, what="deleting a job queue")
             log.debug("job ended", extra={"job": job_id, "status": status})
         for task_id, status in done.tasks:
             log.info("task ended", extra={"task_id": task_id, "status": status})

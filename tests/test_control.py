@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aiormq
 import pytest
 
 from dispatcher.bookkeeper import Bookkeeper
@@ -21,7 +22,7 @@ from schemas.messages import EventRange, JobAnnouncement, StatusBatch, StatusUpd
 from tests.conftest import EXAMPLES
 from tests.helpers import eventually
 from tests.test_failures import write_workflow
-from tests.test_store import snapshot
+from tests.test_store import queued_event, snapshot
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -241,3 +242,27 @@ async def test_bookkeeper_holds_one_transaction_of_updates_decoded_the_rest_as_b
         assert await broker.queue_depth(broker.names.status) == 0
     finally:
         await bookkeeper.stop()
+
+
+async def test_a_finished_jobs_queue_is_deleted_even_if_rabbitmq_is_away_at_that_moment(
+    store: Store, broker: Broker
+) -> None:
+    job, n = await queued_event(store)
+    await broker.declare_job_queue(broker.names.job(job))
+    await store.apply([StatusUpdate(job_id=job, number=n, attempt=1, status="finished", worker="w", ended_at=T0)])
+
+    class AwayOnce:  # the real broker, but the first deletion fails as during a restart
+        names = broker.names
+        failed = False
+
+        async def delete_queue(self, name: str) -> None:
+            if not self.failed:
+                self.failed = True
+                raise aiormq.exceptions.AMQPConnectionError("connection lost")
+            await broker.delete_queue(name)
+
+    away = AwayOnce()
+    done = await Finisher(store, away, lambda: None).check([job])  # type: ignore[arg-type]
+    assert done.jobs == [(job, "finished")] and away.failed
+    # finished in Postgres before the deletion failed: it was retried, not forgotten
+    assert await broker.queue_depth(broker.names.job(job)) is None
