@@ -381,21 +381,27 @@ async def test_grace_period_over_stops_the_payload_and_gives_it_back(
     await assert_consistent(store)
 
 
-async def test_a_range_that_keeps_killing_workers_is_given_up_with_a_dead_letter(
-    cluster: Cluster, store: Store, broker: Broker, tmp_path: Path
-) -> None:
-    wf = await submit(store, write_workflow(tmp_path, {"isr": ["ok:1", "ok:2"]}, per_job=2))
+async def count_lost_deliveries(store: Store, broker: Broker, deliveries: int) -> None:
+    """Mark the first range of the (only) job as delivered ``deliveries`` times before,
+    as the workers that got it back after losing it would have counted it."""
     job_id = await store.pool.fetchval("SELECT id FROM jobs")
     await eventually(lambda: broker.queue_depth(broker.names.job(job_id)), what="the job's ranges")
-    # a range lost with three workers, as counted by the workers that got it back
-    # (tests/test_crashes.py kills real workers for it)
     ch = await broker.channel()
     queue = await ch.get_queue(broker.names.job(job_id), ensure=False)
     message = await queue.get(no_ack=False, fail=False)
     assert message is not None
-    await broker.publish(broker.names.job(job_id), message.body, headers={DELIVERIES_HEADER: MAX_REDELIVERIES})
+    await broker.publish(broker.names.job(job_id), message.body, headers={DELIVERIES_HEADER: deliveries})
     await message.ack()
     await ch.close()
+
+
+async def test_a_range_that_keeps_killing_workers_is_given_up_with_a_dead_letter(
+    cluster: Cluster, store: Store, broker: Broker, tmp_path: Path
+) -> None:
+    wf = await submit(store, write_workflow(tmp_path, {"isr": ["ok:1", "ok:2"]}, per_job=2))
+    # a range lost with three workers, as counted by the workers that got it back
+    # (tests/test_crashes.py kills real workers for it)
+    await count_lost_deliveries(store, broker, MAX_REDELIVERIES)
     await cluster.worker(slots=1)
     assert await wait_workflow(store, wf) == "failed"
     rows = {
@@ -417,15 +423,7 @@ async def test_a_range_delivered_again_before_it_ran_records_the_attempt_it_lost
     # a range that a worker held in its prefetch when it died (or RabbitMQ restarted)
     # comes back as a new attempt though it never ran: attempt 1 has no row yet
     wf = await submit(store, write_workflow(tmp_path, {"isr": ["ok:1"]}))
-    job_id = await store.pool.fetchval("SELECT id FROM jobs")
-    await eventually(lambda: broker.queue_depth(broker.names.job(job_id)), what="the job's range")
-    ch = await broker.channel()
-    queue = await ch.get_queue(broker.names.job(job_id), ensure=False)
-    message = await queue.get(no_ack=False, fail=False)
-    assert message is not None
-    await broker.publish(broker.names.job(job_id), message.body, headers={DELIVERIES_HEADER: 1})
-    await message.ack()
-    await ch.close()
+    await count_lost_deliveries(store, broker, 1)
     worker, _, _ = await cluster.worker(slots=1)
     assert await wait_workflow(store, wf) == "finished"
     await eventually(
