@@ -13,6 +13,7 @@ final one before it leaves is folded into it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
 
@@ -74,10 +75,9 @@ class StatusReporter:
         while True:
             await self._has_work.wait()
             if not self._urgent.is_set():
-                try:
-                    await asyncio.wait_for(self._urgent.wait(), self.linger)
-                except TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.linger):
+                        await self._urgent.wait()
             await self.flush()
 
     async def flush(self) -> None:
