@@ -103,6 +103,7 @@ class JobQueue:
         self._unacked: deque[int] = deque()
         self._done: set[int] = set()
         self._acked_alone: set[int] = set()
+        self._received = 0  # deliveries so far (before the first, an empty buffer says nothing)
 
     async def start(self, *, consume: bool = True) -> None:
         """Look at the queue (``backlog``), and consume it unless told not to yet."""
@@ -134,6 +135,7 @@ class JobQueue:
         # kept in order even if deliveries' tasks ran out of order: a multiple ack must
         # never cover a range still running
         bisect.insort(self._unacked, message.delivery_tag or 0)
+        self._received += 1
         self._buffer.put_nowait(message)  # even while closing: close() gives it back
 
     async def ack(self, message: AbstractIncomingMessage) -> None:
@@ -178,20 +180,31 @@ class JobQueue:
 
     async def get(self) -> AbstractIncomingMessage | None:
         """The next range, or None when the job has none left for us (or its queue is gone)."""
+        wait = not self._starved()
         while True:
             if not self._buffer.empty():
                 return self._buffer.get_nowait()
             if self._tag is None or self._channel.is_closed:
                 return None
-            try:
-                return await asyncio.wait_for(self._buffer.get(), self._idle)
-            except TimeoutError:
-                pass
+            if wait:
+                try:
+                    async with asyncio.timeout(self._idle):
+                        return await self._buffer.get()
+                except TimeoutError:
+                    pass
+            wait = True
             async with self._check:  # one slot asks; the others find the answer
                 if self._tag is not None and self._buffer.empty() and not await self.ready():
                     # a classic queue sends every delivery before the cancel's answer:
                     # they land in the buffer and are served first
                     await self.stop_consuming()
+
+    def _starved(self) -> bool:
+        """Nothing at hand although RabbitMQ may send more (fewer unacked than the
+        prefetch): the queue is likely empty, so it is asked at once rather than after
+        ``idle`` seconds (at a job's end that wait was most of a job switch)."""
+        outstanding = len(self._unacked) - len(self._acked_alone)
+        return self._received > 0 and self._buffer.empty() and outstanding < self._prefetch
 
     async def stop_consuming(self) -> None:
         tag, self._tag = self._tag, None

@@ -75,3 +75,46 @@ async def test_ranges_not_acked_go_back_to_the_queue(broker: Broker) -> None:
     jq, messages = await delivered(broker, 5)
     await asyncio.gather(*(jq.ack(m) for m in messages[:2]), jq.ack(messages[3]))
     assert await settled(broker, jq) == 2  # the third and the fifth
+
+
+async def test_a_queue_that_sent_less_than_the_prefetch_is_asked_at_once_whether_it_is_empty(
+    broker: Broker,
+) -> None:
+    name = broker.names.job(1)
+    await broker.declare_job_queue(name)
+    for i in range(3):
+        await broker.publish(name, f"range {i}".encode())
+    # an idle wait far longer than the test: only asking the queue at once can end it
+    jq = await broker.open_job(name, prefetch=8, idle=3600)
+    try:
+        got = [await asyncio.wait_for(jq.get(), 30) for _ in range(3)]
+        assert all(m is not None for m in got)
+        # 3 unacked, prefetch 8: RabbitMQ would have sent a fourth; the queue says it is empty
+        assert await asyncio.wait_for(jq.get(), 30) is None
+        await asyncio.gather(*(jq.ack(m) for m in got if m is not None))
+    finally:
+        await jq.close(give_back=False)
+        await broker.delete_queue(name)
+
+
+async def test_a_consumer_at_its_prefetch_waits_for_more_rather_than_asking(broker: Broker) -> None:
+    name = broker.names.job(1)
+    await broker.declare_job_queue(name)
+    for i in range(4):
+        await broker.publish(name, f"range {i}".encode())
+    jq = await broker.open_job(name, prefetch=2, idle=3600)
+    try:
+        first, second = [await asyncio.wait_for(jq.get(), 30) for _ in range(2)]
+        assert first is not None and second is not None
+        # at the prefetch an empty buffer only means nothing was acked yet: get() waits
+        # for the next delivery (and keeps consuming), which an ack lets in
+        waiting = asyncio.create_task(jq.get())
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        await jq.ack(first)
+        third = await asyncio.wait_for(waiting, 30)
+        assert third is not None and third.body == b"range 2"
+        await asyncio.gather(jq.ack(second), jq.ack(third))
+    finally:
+        await jq.close(give_back=False)
+        await broker.delete_queue(name)
