@@ -3,6 +3,11 @@
 Messages are acked only after the transaction that applied them committed, so a crash
 or a database outage loses nothing: unacked messages are redelivered and re-applied,
 which is harmless because applying is idempotent (see ``apply_updates`` in the SQL).
+
+Two loops: one applies transactions back to back; the other, behind it, checks whether
+the jobs they ended are finished and then acks their messages (so a crash before that
+check redelivers them, and the check is made again). The check and the acks once took a
+sixth of the bookkeeping's time; now the next transaction does not wait for them.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ class Bookkeeper:
         self._count = 0  # updates and logs held decoded
         self._has_work = asyncio.Event()
         self._full = asyncio.Event()
+        # committed transactions: the jobs they ended, and their messages to ack after the check
+        self._committed: list[tuple[set[int], list[AbstractIncomingMessage]]] = []
+        self._has_committed = asyncio.Event()
         self.applied = 0  # updates applied since start (for tests and metrics)
 
     async def start(self) -> None:
@@ -70,14 +78,27 @@ class Bookkeeper:
         return batch
 
     async def run(self) -> None:
+        settler = asyncio.create_task(self._settle_committed())
+        try:
+            while True:
+                await self._has_work.wait()
+                if self._count < self.batch_size:
+                    # give the batch a moment to fill: one transaction for many messages
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.linger):
+                            await self._full.wait()
+                await self.apply()
+                if settler.done():  # it failed: let the control plane see it
+                    await settler
+        finally:
+            settler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await settler
+
+    async def _settle_committed(self) -> None:
         while True:
-            await self._has_work.wait()
-            if self._count < self.batch_size:
-                try:  # give the batch a moment to fill: one transaction for many messages
-                    await asyncio.wait_for(self._full.wait(), self.linger)
-                except TimeoutError:
-                    pass
-            await self.flush()
+            await self._has_committed.wait()
+            await self.settle()
 
     async def _take(self) -> list[tuple[AbstractIncomingMessage, StatusBatch]]:
         """Messages for one transaction: about ``batch_size`` updates, oldest first."""
@@ -103,6 +124,14 @@ class Bookkeeper:
         return taken
 
     async def flush(self) -> set[int]:
+        """Apply what is held and settle it: finished jobs found, messages acked."""
+        moved = await self.apply()
+        await self.settle()
+        return moved
+
+    async def apply(self) -> set[int]:
+        """One transaction of held updates; returns the jobs it moved. Its messages are
+        acked by ``settle``."""
         taken = await self._take()
         if not taken:
             return set()
@@ -117,13 +146,26 @@ class Bookkeeper:
             if bad:  # poison: an update for no event we know; the rest of it was applied
                 reason = f"status for unknown event(s): job {bad[0].job_id} event {bad[0].number}"
                 await self.broker.dead_letter(message.body, reason, source=self.broker.names.status)
-            with contextlib.suppress(*TRANSIENT, RuntimeError):
-                # a channel lost since: RabbitMQ delivers the message again, and applying
-                # it again changes nothing
-                await message.ack()
         self.applied += len(updates)
         # not only the jobs this batch moved: a duplicate may be all that is left of a
         # batch whose finish check was lost in a crash
         ended = {u.job_id for u in updates if u.status in ("finished", "failed")}
-        await patiently(lambda: self.finisher.check(ended), what="finishing")
+        self._committed.append((ended, [message for message, _ in taken]))
+        self._has_committed.set()
         return moved
+
+    async def settle(self) -> None:
+        """Check the jobs that committed transactions ended (all of them at once), then
+        ack their messages."""
+        committed, self._committed = self._committed, []
+        self._has_committed.clear()
+        if not committed:
+            return
+        ended = set().union(*(jobs for jobs, _ in committed))
+        await patiently(lambda: self.finisher.check(ended), what="finishing")
+        for _, messages in committed:
+            for message in messages:
+                with contextlib.suppress(*TRANSIENT, RuntimeError):
+                    # a channel lost since: RabbitMQ delivers the message again, and
+                    # applying it again changes nothing
+                    await message.ack()

@@ -244,6 +244,46 @@ async def test_bookkeeper_holds_one_transaction_of_updates_decoded_the_rest_as_b
         await bookkeeper.stop()
 
 
+async def test_status_messages_are_acked_only_after_the_finish_check_of_their_jobs(
+    store: Store, broker: Broker, tmp_path: Path
+) -> None:
+    await submit(store, write_workflow(tmp_path, {"isr": [f"ok:{i}" for i in range(10)]}, per_job=10))
+    job_id = await store.pool.fetchval("SELECT id FROM jobs")
+    await store.pool.execute("UPDATE jobs SET status = 'releasing' WHERE id = $1", job_id)
+    await store.mark_jobs_queued([job_id])  # as if published
+    updates = [
+        StatusUpdate(job_id=job_id, number=n, attempt=1, status="finished", worker="w", ended_at=T0) for n in range(10)
+    ]
+    await broker.publish(broker.names.status, encode(StatusBatch(worker="w", updates=updates)))
+
+    def bookkeeper() -> Bookkeeper:
+        return Bookkeeper(store, broker, Finisher(store, broker, lambda: None), batch_size=50, linger=0.01)
+
+    first = bookkeeper()
+    await first.start()
+    await eventually(lambda: asyncio.sleep(0, len(first._pending) == 1), what="the status message delivered")
+    await first.apply()  # committed; the finish check and the ack come after
+    assert await store.pool.fetchval("SELECT count(*) FROM events WHERE status = 'finished'") == 10
+    assert await store.pool.fetchval("SELECT status FROM jobs WHERE id = $1", job_id) != "finished"
+    await first.stop()  # gone before the check (a crash): its message comes back
+    await eventually(
+        lambda: _depth_is(broker, broker.names.status, 1), what="the unacked status message back in its queue"
+    )
+    second = bookkeeper()
+    await second.start()
+    try:
+        await eventually(lambda: asyncio.sleep(0, len(second._pending) == 1), what="the message delivered again")
+        await second.flush()  # applied again (changes nothing), checked, acked
+        assert await store.pool.fetchval("SELECT status FROM jobs WHERE id = $1", job_id) == "finished"
+    finally:
+        await second.stop()
+    assert await _depth_is(broker, broker.names.status, 0)
+
+
+async def _depth_is(broker: Broker, queue: str, depth: int) -> bool:
+    return await broker.queue_depth(queue) == depth
+
+
 async def test_a_finished_jobs_queue_is_deleted_even_if_rabbitmq_is_away_at_that_moment(
     store: Store, broker: Broker
 ) -> None:
