@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from benchmarks.run import job_commands
 from dispatcher.broker import DELIVERIES_HEADER, MAX_REDELIVERIES, Broker
 from dispatcher.config import Settings
 from dispatcher.control import ControlPlane
@@ -265,6 +266,28 @@ async def test_a_retry_after_every_worker_left_brings_a_worker_back(
     assert "attempt 1" in log_text and "attempt 2" in log_text  # both set-ups appended to the one log
     await assert_consistent(store)
     await assert_no_job_queues(store, broker, wf)
+
+
+async def test_a_jobs_log_upload_runs_while_the_next_job_sets_up(
+    cluster: Cluster, store: Store, broker: Broker, tmp_path: Path
+) -> None:
+    label = {"payloadFunction": "tests.payloads:flaky", "jobSetupCommand": "sleep 0.5", "jobTeardownCommand": "sleep 1"}
+    payloads = {"isr": [f"ok:{i}" for i in range(4)]}
+    wf = await submit(store, write_workflow(tmp_path, payloads, per_job=2, extra={"pipetask": {"isr": label}}))
+    await cluster.worker(slots=1)
+    assert await wait_workflow(store, wf) == "finished"
+
+    async def logs() -> list[str] | None:
+        paths = [r["log_path"] for r in await store.pool.fetch("SELECT log_path FROM jobs ORDER BY id")]
+        return None if None in paths else [Path(p).read_text() for p in paths]
+
+    texts = await eventually(logs, what="both jobs' logs")
+    first, second = ({c.what: c for c in job_commands(text)} for text in texts)
+    assert set(first) == set(second) == {"set-up", "tear-down"}  # each logged with its worker and times
+    # one slot, yet the later job was set up while the earlier one's log was uploaded
+    earlier, later = sorted((first, second), key=lambda commands: commands["set-up"].start)
+    assert later["set-up"].start < earlier["tear-down"].end
+    await assert_consistent(store)
 
 
 async def test_poison_messages_go_to_the_dlq_and_work_goes_on(

@@ -149,8 +149,8 @@ class Worker:
             for slot in late:
                 slot.cancel()
             await asyncio.wait(late)
-        if self._background:  # a range is acked once its statuses are safe, even when stopping
-            await asyncio.wait(self._background)
+        while self._background:  # acks (a range is acked once its statuses are safe) and tear-downs
+            await asyncio.wait(set(self._background))
         for job in list(self.jobs.values()):
             await self._teardown(job)
         heartbeat.cancel()
@@ -224,7 +224,7 @@ class Worker:
                 log.warning("range abandoned: broker unavailable", extra={"job": job.spec.job_id, "error": repr(exc)})
             finally:
                 if confirmed is None:
-                    await self._release(job)
+                    self._release(job)
             if confirmed is not None:  # the slot goes on; the range is acked once its statuses are safe
                 self._in_background(self._ack_when_confirmed(job, message, confirmed))
 
@@ -242,13 +242,21 @@ class Worker:
             with contextlib.suppress(Exception):  # a job deleted meanwhile: nothing left to ack
                 await job.queue.ack(message)
         finally:
-            await self._release(job)
+            self._release(job)
 
-    async def _release(self, job: Job) -> None:
-        """A range of ``job`` is done with; the last one out of a drained job tears it down."""
+    def _release(self, job: Job) -> None:
+        """A range of ``job`` is done with; the last one out of a drained job tears it
+        down, in the background: the tear-down (the job's log upload) need not hold up
+        the next job, whose announcement and set-up go on meanwhile."""
         job.in_flight -= 1
         if job.drained and job.in_flight == 0:
+            self._in_background(self._leave(job))
+
+    async def _leave(self, job: Job) -> None:
+        try:
             await self._teardown(job)
+        except Exception as exc:  # in the background: nobody else would hear of it
+            log.error("job tear-down failed", extra={"job": job.spec.job_id, "error": repr(exc)})
 
     async def _next_range(self) -> tuple[Job, AbstractIncomingMessage] | None:
         """The next range to run, or None once the worker is stopping."""
@@ -268,7 +276,7 @@ class Worker:
                     raise
                 if message is None:
                     job.drained = True
-                    await self._release(job)
+                    self._release(job)
                     continue
                 return job, message
             async with self._announcement_lock:
@@ -369,11 +377,16 @@ class Worker:
         """A job's set-up or tear-down command, its output in the job's log."""
         output = work_dir / f"{what}.out"
         outcome = await CommandRunner(PayloadSpec(command=command)).run("", output, work_dir)
-        job_log.write(f"=== job {what}: {command}\n".encode())
+        # when and where it ran: set-ups and uploads are what EventService amortizes
+        job_log.write(f"=== job {what}: {command} worker {self.id} at {outcome.started_at.isoformat()}\n".encode())
         if output.exists():
             job_log.write(output.read_bytes())
             output.unlink()
-        job_log.write(f"=== job {what} {outcome.status} exit_code={outcome.exit_code}\n".encode())
+        took = (outcome.ended_at - outcome.started_at).total_seconds()
+        job_log.write(
+            f"=== job {what} {outcome.status} exit_code={outcome.exit_code} at {outcome.ended_at.isoformat()} "
+            f"duration={took:.3f}s\n".encode()
+        )
         job_log.flush()
         if fail and outcome.status != "finished":
             raise RuntimeError(f"job {what} failed: {outcome.error}")
