@@ -10,8 +10,11 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import aio_pika
@@ -24,6 +27,9 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aiormq import spec
+from aiormq.abc import ChannelFrame, DeliveredMessage
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
 
 from dispatcher.config import Names, redact
 from schemas.messages import M, MessageError, decode
@@ -78,6 +84,16 @@ def delay_step(seconds: float) -> int:
     return fitting[-1] if fitting else DELAY_STEPS_MS[0]
 
 
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A range as RabbitMQ delivered it from a job's queue (acked through its JobQueue)."""
+
+    body: bytes
+    delivery_tag: int
+    redelivered: bool
+    headers: dict[str, Any]
+
+
 class JobQueue:
     """A worker's consumer on one job's queue.
 
@@ -94,7 +110,7 @@ class JobQueue:
         self.name = name
         self._prefetch = prefetch
         self._idle = idle
-        self._buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._buffer: asyncio.Queue[Delivery] = asyncio.Queue()
         self._tag: str | None = None
         self._closed = False
         self._check = asyncio.Lock()
@@ -119,9 +135,12 @@ class JobQueue:
 
     async def consume(self) -> None:
         if self._tag is None and not self._closed and self.backlog is not None:
-            queue = await self._channel.get_queue(self.name, ensure=False)
             try:
-                self._tag = await queue.consume(self._deliver, no_ack=False)
+                # straight through aiormq, as for publishing: at ranges of one event, an
+                # aio_pika.IncomingMessage and the task that hands it over cost the worker
+                # more than the range's own bookkeeping
+                channel = await self._channel.get_underlay_channel()
+                self._tag = (await channel.basic_consume(self.name, self._deliver, no_ack=False)).consumer_tag
             except (aiormq.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError, RuntimeError) as exc:
                 # the job ended meanwhile (its queue deleted): ``get`` says there is nothing
                 log.debug("job queue unavailable", extra={"queue": self.name, "error": repr(exc)})
@@ -131,20 +150,25 @@ class JobQueue:
         """No range delivered and waiting for a slot."""
         return self._buffer.empty()
 
-    async def _deliver(self, message: AbstractIncomingMessage) -> None:
+    async def _deliver(self, message: DeliveredMessage) -> None:
+        deliver = message.delivery
+        assert isinstance(deliver, spec.Basic.Deliver)
         # kept in order even if deliveries' tasks ran out of order: a multiple ack must
         # never cover a range still running
-        bisect.insort(self._unacked, message.delivery_tag or 0)
+        tag = deliver.delivery_tag or 0
+        bisect.insort(self._unacked, tag)
         self._received += 1
-        self._buffer.put_nowait(message)  # even while closing: close() gives it back
+        headers = message.header.properties.headers or {}
+        # even while closing: close() gives it back
+        self._buffer.put_nowait(Delivery(message.body, tag, bool(deliver.redelivered), headers))
 
-    async def ack(self, message: AbstractIncomingMessage) -> None:
+    async def ack(self, message: Delivery) -> None:
         """Ack a range this queue delivered. Ranges whose statuses one batch confirmed
         are acked together: one basic.ack with ``multiple`` up to the last of them once
         every earlier delivery is done with (at ranges of one event, an ack frame per
         range cost the worker and RabbitMQ as much as the range). A range done before
         an earlier one (still running) is acked alone, so that it frees its prefetch."""
-        tag = message.delivery_tag or 0
+        tag = message.delivery_tag
         self._done.add(tag)
         await asyncio.sleep(0)  # the other slots woken by the same confirm add theirs
         upto = None
@@ -178,7 +202,7 @@ class JobQueue:
             return None
         return queue.declaration_result.message_count
 
-    async def get(self) -> AbstractIncomingMessage | None:
+    async def get(self) -> Delivery | None:
         """The next range, or None when the job has none left for us (or its queue is gone)."""
         wait = not self._starved()
         while True:
@@ -209,15 +233,15 @@ class JobQueue:
     async def stop_consuming(self) -> None:
         tag, self._tag = self._tag, None
         if tag is not None and not self._channel.is_closed:
-            queue = await self._channel.get_queue(self.name, ensure=False)
             with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
-                await queue.cancel(tag)
+                channel = await self._channel.get_underlay_channel()
+                await channel.basic_cancel(tag)
 
-    async def give_back(self, message: AbstractIncomingMessage) -> None:
+    async def give_back(self, message: Delivery) -> None:
         """Republished as it was, then acked: not counted as a delivery (a requeue would
         come back flagged ``redelivered``, as if it had killed a worker)."""
         with contextlib.suppress(Exception):
-            await self._broker.publish(self.name, message.body, headers=dict(message.headers or {}))
+            await self._broker.publish(self.name, message.body, headers=dict(message.headers))
             await self.ack(message)
 
     async def close(self, *, give_back: bool = True) -> None:
@@ -237,6 +261,11 @@ class JobQueue:
         if not self._channel.is_closed:
             with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
                 await self._channel.close()
+
+
+def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int, _: object) -> None:
+    if channel.message_id_delivery_tag.get(message_id) == tag:
+        del channel.message_id_delivery_tag[message_id]
 
 
 class Broker:
@@ -366,16 +395,50 @@ class Broker:
         await queue.consume(handler, no_ack=True)
 
     async def publish_many(self, items: Iterable[tuple[str, bytes]]) -> None:
-        """Publish concurrently (confirms are pipelined), waiting for every confirm."""
-        await asyncio.gather(*(self.publish(key, body) for key, body in items))
+        """Publish persistently to queues, all in one write, and wait for every confirm
+        (a nack raises DeliveryError, an unroutable message PublishError).
+
+        A job's ranges are published together: one ``basic_publish`` each cost a lock,
+        a timeout, a task and a socket write per message, and at ranges of one event
+        that was most of the control plane's work (and each write woke RabbitMQ). The
+        frames are those ``basic_publish`` writes, and the confirms are tracked in the
+        same tables of the aiormq channel, so that its reader settles them.
+        """
+        ch = self._publisher
+        if ch is None or ch.is_closed:
+            ch = await self._channel()
+        channel = await ch.get_underlay_channel()
+        assert isinstance(channel, aiormq.Channel)  # the tables below are the concrete channel's
+        frames: list[Any] = []
+        confirms: list[asyncio.Future[Any]] = []
+        async with channel.lock:  # delivery tags are counted in publishing order
+            for routing_key, body in items:
+                channel.delivery_tag += 1
+                tag = channel.delivery_tag
+                message_id = uuid.uuid4().hex  # how a returned (unroutable) message is matched
+                confirm = channel.create_future()
+                channel.confirmations[tag] = confirm
+                channel.message_id_delivery_tag[message_id] = tag
+                confirm.add_done_callback(partial(_forget_message_id, channel, message_id, tag))
+                confirms.append(confirm)
+                properties = spec.Basic.Properties(
+                    content_type="application/json", delivery_mode=2, headers={}, message_id=message_id
+                )
+                frames.append(spec.Basic.Publish(exchange="", routing_key=routing_key, mandatory=True))
+                frames.append(ContentHeader(properties=properties, body_size=len(body)))
+                step = channel.max_content_size
+                frames.extend(ContentBody(body[i : i + step]) for i in range(0, len(body), step))
+            if frames:
+                await channel.write_queue.put(ChannelFrame.marshall(frames=frames, channel_number=channel.number))
+        await asyncio.gather(*confirms)
 
     async def decode_or_dead_letter(
         self,
-        message: AbstractIncomingMessage,
+        message: AbstractIncomingMessage | Delivery,
         model: type[M],
         *,
         source: str,
-        ack: Callable[[AbstractIncomingMessage], Awaitable[None]] | None = None,
+        ack: Callable[[Delivery], Awaitable[None]] | None = None,
     ) -> M | None:
         """The message as ``model``; a poison message goes to es.dlq with the reason
         (and is acked, through ``ack`` if given), and None is returned: it is never
@@ -384,7 +447,11 @@ class Broker:
             return decode(message.body, model)
         except MessageError as exc:
             await self.dead_letter(message.body, str(exc), source=source)
-            await (ack(message) if ack is not None else message.ack())
+            if isinstance(message, Delivery):
+                assert ack is not None, "a range is acked through its JobQueue"
+                await ack(message)
+            else:
+                await message.ack()
             return None
 
     async def dead_letter(self, body: bytes, reason: str, *, source: str) -> None:

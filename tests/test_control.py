@@ -43,7 +43,7 @@ async def get_one(broker: Broker, queue: str) -> bytes | None:
         msg = await jq.get()
         if msg is None:
             return None
-        await msg.ack()
+        await jq.ack(msg)
         return msg.body
     finally:
         await jq.close()

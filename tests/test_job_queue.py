@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
-
-from dispatcher.broker import Broker, JobQueue
+from dispatcher.broker import Broker, Delivery, JobQueue
 
 
-async def delivered(broker: Broker, n: int) -> tuple[JobQueue, list[AbstractIncomingMessage]]:
+async def delivered(broker: Broker, n: int) -> tuple[JobQueue, list[Delivery]]:
     name = broker.names.job(1)
     await broker.declare_job_queue(name)
     for i in range(n):

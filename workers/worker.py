@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from dispatcher.broker import DELIVERIES_HEADER, MAX_REDELIVERIES, Announcements, Broker, JobQueue
+from dispatcher.broker import DELIVERIES_HEADER, MAX_REDELIVERIES, Announcements, Broker, Delivery, JobQueue
 from dispatcher.retry import TRANSIENT
 from schemas.messages import (
     CancelJobs,
@@ -63,9 +63,9 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def _deliveries(message: AbstractIncomingMessage) -> int:
+def _deliveries(message: Delivery) -> int:
     """How many times the range was lost with a worker (see dispatcher.broker)."""
-    count = (message.headers or {}).get(DELIVERIES_HEADER, 0)
+    count = message.headers.get(DELIVERIES_HEADER, 0)
     return count if isinstance(count, int) else 0
 
 
@@ -235,7 +235,7 @@ class Worker:
         task.add_done_callback(self._background.discard)
 
     async def _ack_when_confirmed(
-        self, job: Job, message: AbstractIncomingMessage, confirmed: asyncio.Future[None]
+        self, job: Job, message: Delivery, confirmed: asyncio.Future[None]
     ) -> None:
         try:
             await confirmed
@@ -258,7 +258,7 @@ class Worker:
         except Exception as exc:  # in the background: nobody else would hear of it
             log.error("job tear-down failed", extra={"job": job.spec.job_id, "error": repr(exc)})
 
-    async def _next_range(self) -> tuple[Job, AbstractIncomingMessage] | None:
+    async def _next_range(self) -> tuple[Job, Delivery] | None:
         """The next range to run, or None once the worker is stopping."""
         while not self._stopping:
             for job in list(self.jobs.values()):
@@ -402,7 +402,7 @@ class Worker:
 
     # -- running a range --------------------------------------------------------------
 
-    async def _run_range(self, job: Job, message: AbstractIncomingMessage) -> asyncio.Future[None] | None:
+    async def _run_range(self, job: Job, message: Delivery) -> asyncio.Future[None] | None:
         """Run a range's events; returns the confirm of their statuses, after which the
         range is to be acked (None: nothing left to do, the range is acked already)."""
         if message.redelivered:
