@@ -27,6 +27,8 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPError,
     aio_pika.exceptions.ChannelInvalidStateError,
     RuntimeError,  # aio-pika: "Connection was not opened" / "... closed" while reconnecting
+    # two transactions that waited for each other (Postgres aborted one): run it again
+    asyncpg.exceptions.DeadlockDetectedError,
 )
 
 

@@ -18,7 +18,16 @@ from dispatcher.control import ControlPlane
 from dispatcher.finisher import Finisher
 from dispatcher.store import Store
 from dispatcher.submit import submit
-from schemas.messages import EventRange, JobAnnouncement, StatusBatch, StatusUpdate, decode, encode
+from schemas.messages import (
+    EventRange,
+    Heartbeat,
+    JobAnnouncement,
+    JobLog,
+    StatusBatch,
+    StatusUpdate,
+    decode,
+    encode,
+)
 from tests.conftest import EXAMPLES
 from tests.helpers import eventually
 from tests.test_failures import write_workflow
@@ -277,6 +286,43 @@ async def test_status_messages_are_acked_only_after_the_finish_check_of_their_jo
         assert await store.pool.fetchval("SELECT status FROM jobs WHERE id = $1", job_id) == "finished"
     finally:
         await second.stop()
+    assert await _depth_is(broker, broker.names.status, 0)
+
+
+async def test_a_batch_over_several_jobs_is_applied_in_transactions_side_by_side_and_whole(
+    store: Store, broker: Broker, tmp_path: Path
+) -> None:
+    await submit(store, write_workflow(tmp_path, {"isr": [f"ok:{i}" for i in range(12)]}, per_job=3))
+    jobs = [r["id"] for r in await store.pool.fetch("SELECT id FROM jobs ORDER BY id")]
+    assert len(jobs) == 4 and {j % 2 for j in jobs} == {0, 1}  # both shares have work
+    numbers = {
+        r["job_id"]: r["ns"]
+        for r in await store.pool.fetch("SELECT job_id, array_agg(number) AS ns FROM events GROUP BY job_id")
+    }
+    updates = [
+        StatusUpdate(job_id=j, number=n, attempt=1, status="finished", worker="w", ended_at=T0)
+        for j in jobs
+        for n in numbers[j]
+    ]
+    beat = Heartbeat(host="h", pid=1, slots=1, state="live", jobs=jobs, events_done=12, started_at=T0)
+    logs = [JobLog(job_id=j, path=f"/logs/job-{j}.log") for j in jobs]
+    await broker.publish(
+        broker.names.status, encode(StatusBatch(worker="w", updates=updates, logs=logs, heartbeat=beat))
+    )
+    bookkeeper = Bookkeeper(store, broker, Finisher(store, broker, lambda: None), batch_size=50, linger=0.01)
+    assert bookkeeper.parallel == 2
+    await bookkeeper.start()
+    try:
+        await eventually(lambda: asyncio.sleep(0, len(bookkeeper._pending) == 1), what="the status message delivered")
+        await bookkeeper.flush()
+    finally:
+        await bookkeeper.stop()
+    assert await store.pool.fetchval("SELECT count(*) FROM events WHERE status = 'finished'") == 12
+    assert await store.pool.fetchval("SELECT count(*) FROM attempts WHERE status = 'finished'") == 12
+    assert [r["log_path"] for r in await store.pool.fetch("SELECT log_path FROM jobs ORDER BY id")] == [
+        f"/logs/job-{j}.log" for j in jobs
+    ]
+    assert await store.pool.fetchval("SELECT events_done FROM workers WHERE id = 'w'") == 12
     assert await _depth_is(broker, broker.names.status, 0)
 
 
