@@ -89,7 +89,7 @@ class Job:
     in_flight: int = 0
     invited: bool = False
     events_done: int = 0
-    running: set[asyncio.Task[Outcome]] = field(default_factory=set)
+    running: set[asyncio.Task[Any]] = field(default_factory=set)  # slots inside a payload
 
 
 class Worker:
@@ -487,18 +487,23 @@ class Worker:
                 started_at=now(),
             )
         )
-        run = asyncio.create_task(job.runner.run(event.payload, output, job.work_dir))
-        job.running.add(run)
+        # the payload runs in the slot's own task (a task of its own cost two loop turns
+        # per event); `dispatcher cancel` cancels the slot while it is in the payload
+        slot = asyncio.current_task()
+        assert slot is not None
+        job.running.add(slot)
         try:
-            outcome = await run
+            outcome = await job.runner.run(event.payload, output, job.work_dir)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if job.cancelled and task is not None and not task.cancelling():
+            # that cancellation (once, and of a cancelled job) is taken back; any other,
+            # such as a shutdown's after its grace period, goes on
+            if job.cancelled and slot.cancelling() == 1:
+                slot.uncancel()
                 self._log_event(job, event, attempt, output, None)
                 return None  # `dispatcher cancel`: the event is already cancelled in the bookkeeping
             raise
         finally:
-            job.running.discard(run)
+            job.running.discard(slot)
         self._log_event(job, event, attempt, output, outcome)
         return outcome
 
