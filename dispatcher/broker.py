@@ -547,8 +547,11 @@ class Announcements:
 
     def __init__(self, queue: AbstractQueue) -> None:
         self._queue = queue
+        self._cancelling: asyncio.Future[None] | None = None
 
     async def next(self) -> AbstractIncomingMessage:
+        if self._cancelling is not None:  # the previous consumer's end (done by now, as a rule)
+            await self._cancelling
         got: asyncio.Future[AbstractIncomingMessage] = asyncio.get_running_loop().create_future()
 
         async def on_message(message: AbstractIncomingMessage) -> None:
@@ -561,7 +564,10 @@ class Announcements:
         try:
             return await got
         finally:
-            try:
-                await self._queue.cancel(tag)
-            except (aiormq.exceptions.AMQPError, RuntimeError):
-                pass
+            # not waited for: the announcement's job need not wait a round trip (one
+            # delivered before the cancel's answer is given back above)
+            self._cancelling = asyncio.ensure_future(self._cancel(tag))
+
+    async def _cancel(self, tag: str) -> None:
+        with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
+            await self._queue.cancel(tag)

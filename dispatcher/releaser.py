@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # jobs published at once: each job's ranges are pipelined already, and a job published
 # alone is announced sooner (submit -> first event running)
 PUBLISH_CONCURRENCY = 2
+# ranges of a window's first job published, and announced, before the rest of it: the
+# confirms of a thousand ranges took 30 ms, a third of submit -> first event running
+FIRST_RANGES = 32
 
 
 def announcement(job: JobToPublish, queue: str) -> JobAnnouncement:
@@ -89,17 +92,17 @@ class Releaser:
         jobs = await self.store.jobs_to_publish(job_ids)
         limit = asyncio.Semaphore(PUBLISH_CONCURRENCY)
 
-        async def release(job: JobToPublish) -> None:
+        async def release(job: JobToPublish, *, early: bool = False) -> None:
             # each job announced as soon as its ranges are in: the first events start
             # while the rest of the window is still being published
             async with limit:
-                await self._publish_ranges(job)
+                await self._publish_ranges(job, early=early)
                 # queued in the bookkeeping before announced: a worker's first status finds it queued
                 await self.store.mark_jobs_queued([job.id])
                 await self.announce([job])
 
         if jobs:  # the first job alone, at full speed: the first events start sooner
-            await release(jobs[0])
+            await release(jobs[0], early=True)
         await asyncio.gather(*(release(job) for job in jobs[1:]))
 
     async def announce_ids(self, job_ids: Sequence[int]) -> None:
@@ -110,7 +113,13 @@ class Releaser:
         names = self.broker.names
         await self.broker.publish_many((names.jobs, encode(announcement(job, names.job(job.id)))) for job in jobs)
 
-    async def _publish_ranges(self, job: JobToPublish) -> None:
+    async def _publish_ranges(self, job: JobToPublish, *, early: bool = False) -> None:
+        """All of a job's ranges into its queue (declared here). ``early``: announced
+        once its first ranges are in, so that a worker starts on them while the rest
+        follow (it is announced again when all are in: a worker that emptied the queue
+        meanwhile comes back). Until then the job stays 'releasing', and a control plane
+        that dies meanwhile leaves it to be published again whole: its first ranges may
+        then run twice, which the bookkeeping absorbs as it does a redelivery."""
         queue = self.broker.names.job(job.id)
         await self.broker.declare_job_queue(queue)
         rows = await self.store.job_events(job.id)
@@ -122,5 +131,9 @@ class Releaser:
                 for r in rows[start : start + size]
             ]
             messages.append((queue, encode(EventRange(workflow_id=job.workflow_id, job_id=job.id, events=events))))
+        if early and len(messages) > FIRST_RANGES:
+            await self.broker.publish_many(messages[:FIRST_RANGES])
+            await self.announce([job])
+            messages = messages[FIRST_RANGES:]
         await self.broker.publish_many(messages)
         log.debug("job published", extra={"job": job.id, "events": len(rows), "ranges": len(messages)})

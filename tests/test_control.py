@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from dispatcher.broker import Broker
 from dispatcher.config import Settings
 from dispatcher.control import ControlPlane
 from dispatcher.finisher import Finisher
+from dispatcher.releaser import FIRST_RANGES, Releaser
 from dispatcher.store import Store
 from dispatcher.submit import submit
 from schemas.messages import (
@@ -79,6 +80,29 @@ async def test_submission_is_released_published_and_announced(
     assert await store.pool.fetchval("SELECT status FROM jobs WHERE id = $1", ann.job_id) == "queued"
     # isr waits for pipeinit: nothing else was announced
     assert await get_one(broker, broker.names.jobs) is None
+
+
+async def test_a_windows_first_job_is_announced_once_its_first_ranges_are_in_and_again_when_all_are(
+    store: Store, broker: Broker, tmp_path: Path
+) -> None:
+    await submit(store, write_workflow(tmp_path, {"isr": [f"ok:{i}" for i in range(100)]}, per_job=100))
+    releaser = Releaser(store, broker, window=4)
+    sent: list[tuple[str, int]] = []  # (queue, messages) per publish_many, in order
+    real = broker.publish_many
+
+    async def publish_many(items: Iterable[tuple[str, bytes]]) -> None:
+        items = list(items)
+        sent.append((items[0][0], len(items)))
+        await real(items)  # the real publish still goes
+
+    broker.publish_many = publish_many  # type: ignore[method-assign]
+    assert await releaser.release_once() == 1
+    job_id = await store.pool.fetchval("SELECT id FROM jobs")
+    queue, jobs = broker.names.job(job_id), broker.names.jobs
+    assert sent == [(queue, FIRST_RANGES), (jobs, 1), (queue, 100 - FIRST_RANGES), (jobs, 1)]
+    assert await broker.queue_depth(queue) == 100
+    assert await broker.queue_depth(jobs) == 2
+    assert await store.pool.fetchval("SELECT status FROM jobs WHERE id = $1", job_id) == "queued"
 
 
 async def test_replayed_and_stale_status_messages_change_nothing(
