@@ -226,11 +226,11 @@ class Store:
                         for worker, hb in heartbeats
                     ],
                 )
-            moved = {r["job_id"] for r in await conn.fetch(q("apply_updates"), *cols)}
-            recorded = await conn.execute(q("record_attempts"), *cols)  # "INSERT 0 <rows>"
+            result = await conn.fetchrow(q("apply_updates"), *cols)
+            moved = set(result["moved"])
             unknown: set[tuple[int, int]] = set()
             # every update recorded (the usual case): none can name an unknown event
-            if int(recorded.rsplit(" ", 1)[-1]) < len(updates):
+            if result["recorded"] < len(updates):
                 rows = await conn.fetch(q("unknown_events"), cols[0], cols[1])
                 unknown = {(r["job_id"], r["number"]) for r in rows}
             if moved:

@@ -117,51 +117,62 @@ UPDATE events SET status = 'queued', attempt = greatest(attempt, 1)
 WHERE job_id IN (SELECT id FROM j) AND status = 'ready';
 
 -- name: apply_updates
+-- A batch of status updates in one statement (its columns are sent and decoded once),
+-- in two parts on the same snapshot: the events, and their attempts.
+--
 -- The event state machine. An update applies only if it is newer: a later attempt, or
 -- the same attempt further along (queued < running < finished/failed). Terminal events
 -- never move, so duplicates and stale attempts change nothing.
-UPDATE events e SET
-    status = u.status,
-    attempt = u.attempt,
-    worker = u.worker,
-    started_at = coalesce(u.started_at, CASE WHEN u.attempt = e.attempt THEN e.started_at END),
-    ended_at = u.ended_at,
-    exit_code = u.exit_code,
-    error = u.error
-FROM (
-    -- one row per event, its newest update: an UPDATE joined to several rows of one
-    -- event would apply an arbitrary one (a batch may hold several attempts of it)
-    SELECT DISTINCT ON (job_id, number) *
+--
+-- Every attempt is recorded. One that failed and is retried was, as an attempt,
+-- 'failed'. So was one lost with its worker: the worker that gets the range back reports
+-- it 'retrying', without a start. An update for no known event records nothing: fewer
+-- rows recorded than updates sent tell the caller to look for such updates.
+WITH u AS (
+    SELECT *
     FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::text[],
                 $6::timestamptz[], $7::timestamptz[], $8::int[], $9::text[])
          AS u(job_id, number, attempt, status, worker, started_at, ended_at, exit_code, error)
-    ORDER BY job_id, number, attempt DESC, es_status_rank(status) DESC
-) AS u
-WHERE e.job_id = u.job_id AND e.number = u.number
-  AND e.status NOT IN ('finished', 'failed', 'cancelled')
-  AND (u.attempt > e.attempt OR (u.attempt = e.attempt AND es_status_rank(u.status) > es_status_rank(e.status)))
-RETURNING e.job_id;
-
--- name: record_attempts
--- An attempt that failed and is retried was, as an attempt, 'failed'. So was one lost with
--- its worker: the worker that gets the range back reports it 'retrying', without a start.
-INSERT INTO attempts AS a (job_id, number, attempt, status, worker, started_at, ended_at, exit_code, error)
-SELECT u.job_id, u.number, u.attempt, CASE u.status WHEN 'retrying' THEN 'failed' ELSE u.status END,
-       u.worker, u.started_at, u.ended_at, u.exit_code, u.error
-FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::text[],
-                       $6::timestamptz[], $7::timestamptz[], $8::int[], $9::text[])
-     AS u(job_id, number, attempt, status, worker, started_at, ended_at, exit_code, error)
-WHERE EXISTS (SELECT 1 FROM events e WHERE e.job_id = u.job_id AND e.number = u.number)
-ON CONFLICT (job_id, number, attempt) DO UPDATE SET
-    status = excluded.status,
-    -- an update without a start is an attempt found lost by another worker: it ran on the first
-    worker = CASE WHEN excluded.started_at IS NULL THEN a.worker ELSE excluded.worker END,
-    started_at = coalesce(excluded.started_at, a.started_at),
-    ended_at = excluded.ended_at,
-    exit_code = excluded.exit_code,
-    error = excluded.error,
-    recorded_at = clock_timestamp()
-WHERE es_status_rank(excluded.status) > es_status_rank(a.status);
+), moved AS (
+    UPDATE events e SET
+        status = n.status,
+        attempt = n.attempt,
+        worker = n.worker,
+        started_at = coalesce(n.started_at, CASE WHEN n.attempt = e.attempt THEN e.started_at END),
+        ended_at = n.ended_at,
+        exit_code = n.exit_code,
+        error = n.error
+    FROM (
+        -- one row per event, its newest update: an UPDATE joined to several rows of one
+        -- event would apply an arbitrary one (a batch may hold several attempts of it)
+        SELECT DISTINCT ON (job_id, number) *
+        FROM u
+        ORDER BY job_id, number, attempt DESC, es_status_rank(status) DESC
+    ) AS n
+    WHERE e.job_id = n.job_id AND e.number = n.number
+      AND e.status NOT IN ('finished', 'failed', 'cancelled')
+      AND (n.attempt > e.attempt OR (n.attempt = e.attempt AND es_status_rank(n.status) > es_status_rank(e.status)))
+    RETURNING e.job_id
+), recorded AS (
+    INSERT INTO attempts AS a (job_id, number, attempt, status, worker, started_at, ended_at, exit_code, error)
+    SELECT u.job_id, u.number, u.attempt, CASE u.status WHEN 'retrying' THEN 'failed' ELSE u.status END,
+           u.worker, u.started_at, u.ended_at, u.exit_code, u.error
+    FROM u
+    WHERE EXISTS (SELECT 1 FROM events e WHERE e.job_id = u.job_id AND e.number = u.number)
+    ON CONFLICT (job_id, number, attempt) DO UPDATE SET
+        status = excluded.status,
+        -- an update without a start is an attempt found lost by another worker: it ran on the first
+        worker = CASE WHEN excluded.started_at IS NULL THEN a.worker ELSE excluded.worker END,
+        started_at = coalesce(excluded.started_at, a.started_at),
+        ended_at = excluded.ended_at,
+        exit_code = excluded.exit_code,
+        error = excluded.error,
+        recorded_at = clock_timestamp()
+    WHERE es_status_rank(excluded.status) > es_status_rank(a.status)
+    RETURNING 1
+)
+SELECT coalesce((SELECT array_agg(DISTINCT job_id) FROM moved), '{}') AS moved,
+       (SELECT count(*) FROM recorded) AS recorded;
 
 -- name: mark_jobs_running
 WITH j AS (
