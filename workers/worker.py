@@ -437,9 +437,10 @@ class Worker:
                     rest = list(rng.events[i:])
                     break
                 attempt = event.attempt + redeliveries
-                # the attempts lost with their workers, recorded as failed and retried (the
-                # range may never have started there: without them attempts would have a gap)
-                finals.extend(self._lost_attempts(job, event, attempt))
+                if attempt > event.attempt:
+                    # the attempts lost with their workers, recorded as failed and retried (the
+                    # range may never have started there: without them attempts would have a gap)
+                    finals.extend(self._lost_attempts(job, event, attempt))
                 if redeliveries >= MAX_REDELIVERIES:
                     finals.append(
                         await self._give_up(
