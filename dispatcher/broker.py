@@ -477,10 +477,18 @@ class Broker:
 
     async def queue_depth(self, name: str) -> int | None:
         """Messages ready in a queue, or None if it does not exist."""
+        looked = await self._look_at(name)
+        return None if looked is None else looked.message_count
+
+    async def queue_consumers(self, name: str) -> int | None:
+        """Consumers of a queue, or None if it does not exist."""
+        looked = await self._look_at(name)
+        return None if looked is None else looked.consumer_count
+
+    async def _look_at(self, name: str) -> spec.Queue.DeclareOk | None:
         ch = await self.channel()
         try:
-            queue = await ch.declare_queue(name, passive=True)
-            return queue.declaration_result.message_count
+            return (await ch.declare_queue(name, passive=True)).declaration_result
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None
         finally:

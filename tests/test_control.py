@@ -99,10 +99,27 @@ async def test_a_windows_first_job_is_announced_once_its_first_ranges_are_in_and
     assert await releaser.release_once() == 1
     job_id = await store.pool.fetchval("SELECT id FROM jobs")
     queue, jobs = broker.names.job(job_id), broker.names.jobs
+    # nobody took the first announcement: announced again once all its ranges are in
     assert sent == [(queue, FIRST_RANGES), (jobs, 1), (queue, 100 - FIRST_RANGES), (jobs, 1)]
     assert await broker.queue_depth(queue) == 100
     assert await broker.queue_depth(jobs) == 2
     assert await store.pool.fetchval("SELECT status FROM jobs WHERE id = $1", job_id) == "queued"
+
+
+async def test_a_first_job_a_worker_already_consumes_is_not_announced_twice(
+    store: Store, broker: Broker, tmp_path: Path
+) -> None:
+    await submit(store, write_workflow(tmp_path, {"isr": [f"ok:{i}" for i in range(100)]}, per_job=100))
+    job_id = await store.pool.fetchval("SELECT id FROM jobs")
+    queue = broker.names.job(job_id)
+    await broker.declare_job_queue(queue)
+    consumer = await broker.open_job(queue, prefetch=1)  # a worker on the job from its first ranges
+    try:
+        assert await Releaser(store, broker, window=4).release_once() == 1
+        # a second announcement would only bring another worker to set the job up
+        assert await broker.queue_depth(broker.names.jobs) == 1
+    finally:
+        await consumer.close()
 
 
 async def test_replayed_and_stale_status_messages_change_nothing(
