@@ -480,10 +480,10 @@ class Broker:
         looked = await self._look_at(name)
         return None if looked is None else looked.message_count
 
-    async def queue_consumers(self, name: str) -> int | None:
-        """Consumers of a queue, or None if it does not exist."""
+    async def queue_state(self, name: str) -> tuple[int, int] | None:
+        """(messages ready, consumers) of a queue, or None if it does not exist."""
         looked = await self._look_at(name)
-        return None if looked is None else looked.consumer_count
+        return None if looked is None else (looked.message_count or 0, looked.consumer_count or 0)
 
     async def _look_at(self, name: str) -> spec.Queue.DeclareOk | None:
         ch = await self.channel()

@@ -96,13 +96,10 @@ class Releaser:
             # each job announced as soon as its ranges are in: the first events start
             # while the rest of the window is still being published
             async with limit:
-                early = await self._publish_ranges(job, early=early)
+                ranges = await self._publish_ranges(job, early=early)
                 # queued in the bookkeeping before announced: a worker's first status finds it queued
                 await self.store.mark_jobs_queued([job.id])
-                # announced early and a worker on it: a second announcement would only
-                # bring another worker to set it up (a worker that emptied the queue before
-                # the rest came and left is brought back; one leaving just now, by the watchdog)
-                if not early or not await self.broker.queue_consumers(self.broker.names.job(job.id)):
+                if ranges is None or await self._left_early(job, ranges):
                     await self.announce([job])
 
         if jobs:  # the first job alone, at full speed: the first events start sooner
@@ -117,13 +114,22 @@ class Releaser:
         names = self.broker.names
         await self.broker.publish_many((names.jobs, encode(announcement(job, names.job(job.id)))) for job in jobs)
 
-    async def _publish_ranges(self, job: JobToPublish, *, early: bool = False) -> bool:
+    async def _left_early(self, job: JobToPublish, ranges: int) -> bool:
+        """A job announced early: did a worker take ranges and leave before the rest
+        came? Then it is announced again. Not otherwise: its announcement still waits, or
+        a worker sets the job up or runs it, and a second one would only bring another
+        worker to set it up. (One leaving at this very moment is found by the watchdog,
+        as any job with work and no worker.)"""
+        state = await self.broker.queue_state(self.broker.names.job(job.id))
+        return state is not None and state[1] == 0 and state[0] < ranges
+
+    async def _publish_ranges(self, job: JobToPublish, *, early: bool = False) -> int | None:
         """All of a job's ranges into its queue (declared here). ``early``: announced
         once its first ranges are in, so that a worker starts on them while the rest
-        follow; returns whether it was. Until all are in the job stays 'releasing', and a
-        control plane that dies meanwhile leaves it to be published again whole: its
-        first ranges may then run twice, which the bookkeeping absorbs as it does a
-        redelivery."""
+        follow; then returns how many ranges it has. Until all are in the job stays
+        'releasing', and a control plane that dies meanwhile leaves it to be published
+        again whole: its first ranges may then run twice, which the bookkeeping absorbs
+        as it does a redelivery."""
         queue = self.broker.names.job(job.id)
         await self.broker.declare_job_queue(queue)
         rows = await self.store.job_events(job.id)
@@ -135,11 +141,12 @@ class Releaser:
                 for r in rows[start : start + size]
             ]
             messages.append((queue, encode(EventRange(workflow_id=job.workflow_id, job_id=job.id, events=events))))
-        announced = early and len(messages) > FIRST_RANGES
+        ranges = len(messages)
+        announced = early and ranges > FIRST_RANGES
         if announced:
             await self.broker.publish_many(messages[:FIRST_RANGES])
             await self.announce([job])
             messages = messages[FIRST_RANGES:]
         await self.broker.publish_many(messages)
-        log.debug("job published", extra={"job": job.id, "events": len(rows), "ranges": len(messages)})
-        return announced
+        log.debug("job published", extra={"job": job.id, "events": len(rows), "ranges": ranges})
+        return ranges if announced else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -82,44 +82,71 @@ async def test_submission_is_released_published_and_announced(
     assert await get_one(broker, broker.names.jobs) is None
 
 
-async def test_a_windows_first_job_is_announced_once_its_first_ranges_are_in_and_again_when_all_are(
-    store: Store, broker: Broker, tmp_path: Path
-) -> None:
+async def first_job_released(
+    store: Store, broker: Broker, tmp_path: Path, after_first_announcement: Callable[[str], Awaitable[None]]
+) -> list[tuple[str, int]]:
+    """Release a workflow of one job of 100 ranges; returns (queue, messages) per
+    publish_many in order (the real publishes still go)."""
     await submit(store, write_workflow(tmp_path, {"isr": [f"ok:{i}" for i in range(100)]}, per_job=100))
-    releaser = Releaser(store, broker, window=4)
-    sent: list[tuple[str, int]] = []  # (queue, messages) per publish_many, in order
+    queue = broker.names.job(await store.pool.fetchval("SELECT id FROM jobs"))
+    sent: list[tuple[str, int]] = []
     real = broker.publish_many
 
     async def publish_many(items: Iterable[tuple[str, bytes]]) -> None:
         items = list(items)
         sent.append((items[0][0], len(items)))
-        await real(items)  # the real publish still goes
+        await real(items)
+        if items[0][0] == broker.names.jobs and len(sent) == 2:
+            await after_first_announcement(queue)
 
     broker.publish_many = publish_many  # type: ignore[method-assign]
-    assert await releaser.release_once() == 1
-    job_id = await store.pool.fetchval("SELECT id FROM jobs")
-    queue, jobs = broker.names.job(job_id), broker.names.jobs
-    # nobody took the first announcement: announced again once all its ranges are in
-    assert sent == [(queue, FIRST_RANGES), (jobs, 1), (queue, 100 - FIRST_RANGES), (jobs, 1)]
-    assert await broker.queue_depth(queue) == 100
-    assert await broker.queue_depth(jobs) == 2
-    assert await store.pool.fetchval("SELECT status FROM jobs WHERE id = $1", job_id) == "queued"
+    assert await Releaser(store, broker, window=4).release_once() == 1
+    assert await broker.queue_depth(queue) is not None
+    return sent
 
 
-async def test_a_first_job_a_worker_already_consumes_is_not_announced_twice(
+async def test_a_windows_first_job_is_announced_once_its_first_ranges_are_in(
     store: Store, broker: Broker, tmp_path: Path
 ) -> None:
-    await submit(store, write_workflow(tmp_path, {"isr": [f"ok:{i}" for i in range(100)]}, per_job=100))
-    job_id = await store.pool.fetchval("SELECT id FROM jobs")
-    queue = broker.names.job(job_id)
-    await broker.declare_job_queue(queue)
-    consumer = await broker.open_job(queue, prefetch=1)  # a worker on the job from its first ranges
-    try:
-        assert await Releaser(store, broker, window=4).release_once() == 1
-        # a second announcement would only bring another worker to set the job up
-        assert await broker.queue_depth(broker.names.jobs) == 1
-    finally:
+    async def nobody(queue: str) -> None:  # its announcement waits in es.jobs
+        return None
+
+    sent = await first_job_released(store, broker, tmp_path, nobody)
+    queue, jobs = sent[0][0], broker.names.jobs
+    assert sent == [(queue, FIRST_RANGES), (jobs, 1), (queue, 100 - FIRST_RANGES)]
+    assert await broker.queue_depth(queue) == 100
+    assert await broker.queue_depth(jobs) == 1  # the one announcement is enough
+    assert await store.pool.fetchval("SELECT status FROM jobs") == "queued"
+
+
+async def test_a_first_job_a_worker_emptied_and_left_before_the_rest_came_is_announced_again(
+    store: Store, broker: Broker, tmp_path: Path
+) -> None:
+    async def worker_took_all_and_left(queue: str) -> None:
+        assert await get_one(broker, broker.names.jobs) is not None
+        for _ in range(FIRST_RANGES):
+            assert await get_one(broker, queue) is not None
+
+    sent = await first_job_released(store, broker, tmp_path, worker_took_all_and_left)
+    queue, jobs = sent[0][0], broker.names.jobs
+    assert sent == [(queue, FIRST_RANGES), (jobs, 1), (queue, 100 - FIRST_RANGES), (jobs, 1)]
+    assert await broker.queue_depth(jobs) == 1  # the second announcement
+
+
+async def test_a_first_job_a_worker_consumes_or_sets_up_is_not_announced_twice(
+    store: Store, broker: Broker, tmp_path: Path
+) -> None:
+    consumers = []
+
+    async def worker_on_it(queue: str) -> None:  # took the announcement; set up, or consuming
+        assert await get_one(broker, broker.names.jobs) is not None
+        consumers.append(await broker.open_job(queue, prefetch=1))
+
+    sent = await first_job_released(store, broker, tmp_path, worker_on_it)
+    for consumer in consumers:
         await consumer.close()
+    assert sent[1:] == [(broker.names.jobs, 1), (sent[0][0], 100 - FIRST_RANGES)]
+    assert await broker.queue_depth(broker.names.jobs) == 0
 
 
 async def test_replayed_and_stale_status_messages_change_nothing(
