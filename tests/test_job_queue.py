@@ -9,12 +9,16 @@ from typing import Any
 from dispatcher.broker import Broker, Delivery, JobQueue
 
 
-async def delivered(broker: Broker, n: int) -> tuple[JobQueue, list[Delivery]]:
+async def opened(broker: Broker, n: int, *, prefetch: int, idle: float = 0.01) -> JobQueue:
+    """A job queue holding ``range 0`` .. ``range n-1``, consumed."""
     name = broker.names.job(1)
     await broker.declare_job_queue(name)
-    for i in range(n):
-        await broker.publish(name, f"range {i}".encode())
-    jq = await broker.open_job(name, prefetch=n)
+    await broker.publish_many((name, f"range {i}".encode()) for i in range(n))
+    return await broker.open_job(name, prefetch=prefetch, idle=idle)
+
+
+async def delivered(broker: Broker, n: int) -> tuple[JobQueue, list[Delivery]]:
+    jq = await opened(broker, n, prefetch=n)
     messages = []
     for _ in range(n):
         message = await jq.get()
@@ -78,12 +82,8 @@ async def test_ranges_not_acked_go_back_to_the_queue(broker: Broker) -> None:
 async def test_a_queue_that_sent_less_than_the_prefetch_is_asked_at_once_whether_it_is_empty(
     broker: Broker,
 ) -> None:
-    name = broker.names.job(1)
-    await broker.declare_job_queue(name)
-    for i in range(3):
-        await broker.publish(name, f"range {i}".encode())
     # an idle wait far longer than the test: only asking the queue at once can end it
-    jq = await broker.open_job(name, prefetch=8, idle=3600)
+    jq = await opened(broker, 3, prefetch=8, idle=3600)
     try:
         got = [await asyncio.wait_for(jq.get(), 30) for _ in range(3)]
         assert all(m is not None for m in got)
@@ -92,15 +92,11 @@ async def test_a_queue_that_sent_less_than_the_prefetch_is_asked_at_once_whether
         await asyncio.gather(*(jq.ack(m) for m in got if m is not None))
     finally:
         await jq.close(give_back=False)
-        await broker.delete_queue(name)
+        await broker.delete_queue(jq.name)
 
 
 async def test_a_consumer_at_its_prefetch_waits_for_more_rather_than_asking(broker: Broker) -> None:
-    name = broker.names.job(1)
-    await broker.declare_job_queue(name)
-    for i in range(4):
-        await broker.publish(name, f"range {i}".encode())
-    jq = await broker.open_job(name, prefetch=2, idle=3600)
+    jq = await opened(broker, 4, prefetch=2, idle=3600)
     try:
         first, second = [await asyncio.wait_for(jq.get(), 30) for _ in range(2)]
         assert first is not None and second is not None
@@ -115,4 +111,4 @@ async def test_a_consumer_at_its_prefetch_waits_for_more_rather_than_asking(brok
         await asyncio.gather(jq.ack(second), jq.ack(third))
     finally:
         await jq.close(give_back=False)
-        await broker.delete_queue(name)
+        await broker.delete_queue(jq.name)
