@@ -263,6 +263,13 @@ class JobQueue:
                 await self._channel.close()
 
 
+def _properties(headers: dict[str, Any], message_id: str | None = None) -> spec.Basic.Properties:
+    """Every message we publish: JSON, persistent."""
+    return spec.Basic.Properties(
+        content_type="application/json", delivery_mode=2, headers=headers, message_id=message_id
+    )
+
+
 def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int, _: object) -> None:
     if channel.message_id_delivery_tag.get(message_id) == tag:
         del channel.message_id_delivery_tag[message_id]
@@ -374,7 +381,7 @@ class Broker:
         if ch is None or ch.is_closed:
             ch = await self._channel()
         underlay = await ch.get_underlay_channel()
-        properties = spec.Basic.Properties(content_type="application/json", delivery_mode=2, headers=headers or {})
+        properties = _properties(headers or {})
         # wait=False: queued for the socket without waiting for it to drain, so that
         # concurrent publishes share writes; the confirm is still awaited
         await underlay.basic_publish(
@@ -421,9 +428,7 @@ class Broker:
                 channel.message_id_delivery_tag[message_id] = tag
                 confirm.add_done_callback(partial(_forget_message_id, channel, message_id, tag))
                 confirms.append(confirm)
-                properties = spec.Basic.Properties(
-                    content_type="application/json", delivery_mode=2, headers={}, message_id=message_id
-                )
+                properties = _properties({}, message_id)
                 frames.append(spec.Basic.Publish(exchange="", routing_key=routing_key, mandatory=True))
                 frames.append(ContentHeader(properties=properties, body_size=len(body)))
                 step = channel.max_content_size
