@@ -69,7 +69,7 @@ CREATE INDEX jobs_active ON jobs (status) WHERE status IN ('releasing', 'queued'
 
 -- No index on status, and half of each page free: status updates stay HOT (heap-only) and cheap.
 CREATE TABLE events (
-    job_id      bigint NOT NULL REFERENCES jobs ON DELETE CASCADE,
+    job_id      bigint NOT NULL,  -- no foreign key: see the triggers below (migration 0005)
     number      bigint NOT NULL,
     task_id     bigint NOT NULL,
     payload     text NOT NULL,
@@ -97,9 +97,30 @@ CREATE TABLE attempts (
     exit_code   integer,
     error       text,
     recorded_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-    PRIMARY KEY (job_id, number, attempt),
-    FOREIGN KEY (job_id, number) REFERENCES events ON DELETE CASCADE
+    PRIMARY KEY (job_id, number, attempt)
 );
+
+-- Events and attempts are written only by set-based statements that take their keys
+-- from the rows they join: no foreign key checks them row by row. Deleting a job still
+-- deletes its events, and an event its attempts, once per statement (migration 0005).
+CREATE FUNCTION delete_events_of_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM events e USING gone g WHERE e.job_id = g.id;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION delete_attempts_of_events() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM attempts a USING gone g WHERE a.job_id = g.job_id AND a.number = g.number;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER jobs_delete_events AFTER DELETE ON jobs
+    REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION delete_events_of_jobs();
+CREATE TRIGGER events_delete_attempts AFTER DELETE ON events
+    REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION delete_attempts_of_events();
 
 CREATE TABLE workers (
     id           text PRIMARY KEY,
