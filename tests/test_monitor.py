@@ -136,7 +136,7 @@ async def test_workflows_and_their_tasks(client: httpx.AsyncClient, world: World
         ("a", "running", []),
         ("b", "waiting", ["a"]),
     ]
-    assert [j["n_events"] for j in detail["jobs"]] == [3, 3, 1, 1]
+    assert [j["n_events"] for j in detail["jobs"]] == [3, 2, 2, 1]
     assert (await client.get("/api/workflows/999999")).status_code == 404
 
 
