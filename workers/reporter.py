@@ -42,6 +42,8 @@ class StatusReporter:
         for u in updates:
             key = (u.job_id, u.number, u.attempt)
             old = self._updates.get(key)
+            if old is not None and old.status != "running" and u.status == "running":
+                continue  # a final update is never taken back by a late 'running'
             if old is not None and u.started_at is None:
                 u = u.model_copy(update={"started_at": old.started_at})
             self._updates[key] = u

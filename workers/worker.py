@@ -92,6 +92,31 @@ class Job:
     running: set[asyncio.Task[Any]] = field(default_factory=set)  # slots inside a payload
 
 
+@dataclass(frozen=True)
+class Ended:
+    """An event whose payload ended, not yet settled (finished, retried or dead-lettered)."""
+
+    event: EventSpec
+    attempt: int
+    outcome: Outcome
+
+
+@dataclass
+class Ran:
+    """What running a range left to do: report its events (updates already made, such as
+    lost attempts, and ended payloads to settle) and give back the rest (unstarted, or
+    stopped by a shutdown), keeping the range's count of lost deliveries."""
+
+    redeliveries: int
+    finals: list[StatusUpdate | Ended] = field(default_factory=list)
+    rest: list[EventSpec] = field(default_factory=list)
+
+
+def _output(job: Job, event: EventSpec) -> str:
+    """Where an event's payload writes its output, until it is appended to the job log."""
+    return f"{job.work_dir}/event-{event.number}.out"
+
+
 class Worker:
     def __init__(
         self,
@@ -216,17 +241,20 @@ class Worker:
             if got is None:
                 return
             job, message = got
-            confirmed: asyncio.Future[None] | None = None
+            ran: Ran | None = None
             try:
-                confirmed = await self._run_range(job, message)
+                ran = await self._run_range(job, message)
             except TRANSIENT as exc:
                 # unacked: RabbitMQ delivers the range again once its channel is gone
                 log.warning("range abandoned: broker unavailable", extra={"job": job.spec.job_id, "error": repr(exc)})
             finally:
-                if confirmed is None:
+                if ran is None:
                     self._release(job)
-            if confirmed is not None:  # the slot goes on; the range is acked once its statuses are safe
-                self._in_background(self._ack_when_confirmed(job, message, confirmed))
+            if ran is not None:
+                # the slot takes its next range at once: what ran is settled, logged and
+                # reported, and the range acked once its statuses are safe, in the background
+                # (while the next payload runs: 0.15 ms less between two payloads)
+                self._in_background(self._conclude(job, message, ran))
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as a task the worker keeps (and waits for when it stops)."""
@@ -234,13 +262,11 @@ class Worker:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _ack_when_confirmed(
-        self, job: Job, message: Delivery, confirmed: asyncio.Future[None]
-    ) -> None:
+    async def _conclude(self, job: Job, message: Delivery, ran: Ran) -> None:
         try:
-            await confirmed
-            with contextlib.suppress(Exception):  # a job deleted meanwhile: nothing left to ack
-                await job.queue.ack(message)
+            await self._report_and_ack(job, message, ran)
+        except TRANSIENT as exc:  # unacked: delivered again once the channel is gone
+            log.warning("range abandoned: broker unavailable", extra={"job": job.spec.job_id, "error": repr(exc)})
         finally:
             self._release(job)
 
@@ -402,9 +428,9 @@ class Worker:
 
     # -- running a range --------------------------------------------------------------
 
-    async def _run_range(self, job: Job, message: Delivery) -> asyncio.Future[None] | None:
-        """Run a range's events; returns the confirm of their statuses, after which the
-        range is to be acked (None: nothing left to do, the range is acked already)."""
+    async def _run_range(self, job: Job, message: Delivery) -> Ran | None:
+        """Run a range's events; returns what ran, to be settled and reported before the
+        range is acked (None: nothing left to do, the range is acked already)."""
         if message.redelivered:
             # its worker died (or RabbitMQ restarted) before acking it: count that in the
             # range itself, so that a range that keeps killing workers is recognised
@@ -427,14 +453,14 @@ class Worker:
             return None
         # a range redelivered after a worker died counts as a new attempt of its events
         redeliveries = _deliveries(message)
-        finals: list[StatusUpdate] = []
-        rest: list[EventSpec] = []  # events given back, unstarted or stopped by a shutdown
+        ran = Ran(redeliveries)
+        finals = ran.finals
         try:
             for i, event in enumerate(rng.events):
                 if job.cancelled:
                     break
                 if self._stopping:
-                    rest = list(rng.events[i:])
+                    ran.rest = list(rng.events[i:])
                     break
                 attempt = event.attempt + redeliveries
                 if attempt > event.attempt:
@@ -455,39 +481,40 @@ class Worker:
                     continue
                 outcome = await self._run_event(job, event, attempt)
                 if outcome is not None:
-                    finals.append(await self._settle(job, event, attempt, outcome))
+                    finals.append(Ended(event, attempt, outcome))
         except asyncio.CancelledError:
             # the grace period ran out mid-event: give the unfinished events back with their
             # attempt unchanged (a shutdown is not a failure of the payload)
-            done = {u.number for u in finals}
-            rest = [e for e in rng.events if e.number not in done]
-            confirmed = await self._finish_range(job, finals, rest, redeliveries)
-            await confirmed
-            with contextlib.suppress(Exception):
-                await job.queue.ack(message)
+            done = {f.event.number if isinstance(f, Ended) else f.number for f in finals}
+            ran.rest = [e for e in rng.events if e.number not in done]
+            await self._report_and_ack(job, message, ran)
             raise
-        return await self._finish_range(job, finals, rest, redeliveries)
+        return ran
+
+    async def _report_and_ack(self, job: Job, message: Delivery, ran: Ran) -> None:
+        """Log and settle the events that ran, give back the rest, send the statuses, and
+        ack the range once they are safe in es.status."""
+        finals: list[StatusUpdate] = []
+        for f in ran.finals:
+            if isinstance(f, Ended):
+                self._log_event(job, f.event, f.attempt, f.outcome)
+                f = await self._settle(job, f.event, f.attempt, f.outcome)
+            finals.append(f)
+        await (await self._finish_range(job, finals, ran.rest, ran.redeliveries))
+        with contextlib.suppress(Exception):  # a job deleted meanwhile: nothing left to ack
+            await job.queue.ack(message)
 
     async def _run_event(self, job: Job, event: EventSpec, attempt: int) -> Outcome | None:
         """Run one payload; None if its job was cancelled meanwhile."""
-        output = f"{job.work_dir}/event-{event.number}.out"
+        output = _output(job, event)
         if job.runner.inline:
             # a plain function blocks the loop while it runs: it cannot be interrupted, so
             # it needs no task, and its 'running' could not leave before it ended, so it
             # gets none (its final update carries its start)
-            outcome = await job.runner.run(event.payload, output, job.work_dir)
-            self._log_event(job, event, attempt, output, outcome)
-            return outcome
-        self.reporter.running(
-            StatusUpdate(
-                job_id=job.spec.job_id,
-                number=event.number,
-                attempt=attempt,
-                status="running",
-                worker=self.id,
-                started_at=now(),
-            )
-        )
+            return await job.runner.run(event.payload, output, job.work_dir)
+        # reported once the payload is under way (at the slot's next suspension): making
+        # and queueing the update need not delay its start
+        asyncio.get_running_loop().call_soon(self._report_running, job, event, attempt, now())
         # the payload runs in the slot's own task (a task of its own cost two loop turns
         # per event); `dispatcher cancel` cancels the slot while it is in the payload
         slot = asyncio.current_task()
@@ -500,13 +527,24 @@ class Worker:
             # such as a shutdown's after its grace period, goes on
             if job.cancelled and slot.cancelling() == 1:
                 slot.uncancel()
-                self._log_event(job, event, attempt, output, None)
+                self._log_event(job, event, attempt, None)
                 return None  # `dispatcher cancel`: the event is already cancelled in the bookkeeping
             raise
         finally:
             job.running.discard(slot)
-        self._log_event(job, event, attempt, output, outcome)
         return outcome
+
+    def _report_running(self, job: Job, event: EventSpec, attempt: int, started: datetime) -> None:
+        self.reporter.running(
+            StatusUpdate(
+                job_id=job.spec.job_id,
+                number=event.number,
+                attempt=attempt,
+                status="running",
+                worker=self.id,
+                started_at=started,
+            )
+        )
 
     async def _settle(self, job: Job, event: EventSpec, attempt: int, outcome: Outcome) -> StatusUpdate:
         """A finished event, a retry scheduled, or a dead letter: never silence."""
@@ -619,7 +657,7 @@ class Worker:
         done.set_result(None)
         return done
 
-    def _log_event(self, job: Job, event: EventSpec, attempt: int, output: str, outcome: Outcome | None) -> None:
+    def _log_event(self, job: Job, event: EventSpec, attempt: int, outcome: Outcome | None) -> None:
         """The event's part of the job log: a header, its output, a footer (None: cancelled)."""
         if outcome is None:
             status, exit_code, error, took = "cancelled", None, None, 0.0
@@ -633,6 +671,7 @@ class Worker:
         # written whole, with no await in between: slots never interleave in the log
         job.log.write(header.encode())
         if outcome is None or outcome.output:
+            output = _output(job, event)
             with contextlib.suppress(FileNotFoundError), open(output, "rb") as out:
                 shutil.copyfileobj(out, job.log)
                 os.unlink(output)
