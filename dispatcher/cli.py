@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import selectors
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -41,10 +42,24 @@ def settings_from(amqp_url: str | None, database_url: str | None, queue_prefix: 
     return base.override(amqp_url=amqp_url, database_url=database_url, names=names, **more)
 
 
-def run_async(coro: Coroutine[Any, Any, int | None]) -> None:
+# select(2) takes file descriptors below 1024 only; a worker holds a few sockets and at
+# most one child per slot, far below that up to this many slots
+PRECISE_TIMERS_MAX_SLOTS = 512
+
+
+def precise_loop() -> asyncio.AbstractEventLoop:
+    """An event loop whose timers wake on time. epoll takes its timeout in whole
+    milliseconds and asyncio rounds it up: a payload's 50 ms sleep, armed after other
+    timers, woke 0.5 ms late on average (1.0 against 0.4 ms, measured on this VM);
+    select(2) takes microseconds."""
+    return asyncio.SelectorEventLoop(selectors.SelectSelector())
+
+
+def run_async(coro: Coroutine[Any, Any, int | None], *, precise_timers: bool = False) -> None:
     """Run a command's coroutine; map failures onto exit codes with a one-line message."""
     try:
-        code = asyncio.run(coro)
+        with asyncio.Runner(loop_factory=precise_loop if precise_timers else None) as runner:
+            code = runner.run(coro)
     except SubmissionError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -204,7 +219,7 @@ def worker(
             await broker.close()
         return 0
 
-    run_async(go())
+    run_async(go(), precise_timers=slots <= PRECISE_TIMERS_MAX_SLOTS)
 
 
 @main.command()
