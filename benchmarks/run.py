@@ -635,8 +635,19 @@ TARGETS = [
         10_000,
         ">=",
     ),
+    # the issue's formula takes "payload time"; what the payloads took as the workers
+    # measured it (start to end of the call, nothing of the worker's own around it), and
+    # each payload at its nominal 50 ms (so their sleeps' late wake-ups count against us)
     (
-        "dispatch overhead < 1 ms per event (EventService)",
+        "dispatch overhead < 1 ms per event (EventService), payload time as measured",
+        lambda r: r.get("eventservice", {})
+        .get("with_eventservice", {})
+        .get("dispatch_overhead_ms_per_event_measured_payload"),
+        1.0,
+        "<",
+    ),
+    (
+        "dispatch overhead < 1 ms per event (EventService), payloads at their nominal 50 ms",
         lambda r: r.get("eventservice", {}).get("with_eventservice", {}).get("dispatch_overhead_ms_per_event"),
         1.0,
         "<",
