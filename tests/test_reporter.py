@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 from dispatcher.broker import Broker
@@ -28,3 +29,20 @@ async def test_a_late_running_update_never_replaces_its_final_one(broker: Broker
     [(body, _, _)] = await drain(broker, broker.names.status)
     batch = decode(body, StatusBatch)
     assert sorted((u.attempt, u.status) for u in batch.updates) == [(1, "finished"), (2, "running")]
+
+
+async def test_a_hurried_reporter_sends_the_next_report_without_lingering(broker: Broker) -> None:
+    # a slot with nothing to run hurries the reporter before the ranges it ran are
+    # reported (in the background): their batch must leave at once, not after the linger
+    reporter = StatusReporter(broker, "w", linger=3600)
+    running = asyncio.create_task(reporter.run())
+    try:
+        reporter.hurry()
+        await asyncio.sleep(0)
+        confirmed = reporter.report([update("finished")])
+        async with asyncio.timeout(30):  # a guard: without the hurry this waits an hour
+            await confirmed
+    finally:
+        running.cancel()
+    [(body, _, _)] = await drain(broker, broker.names.status)
+    assert [u.status for u in decode(body, StatusBatch).updates] == ["finished"]

@@ -69,9 +69,10 @@ class StatusReporter:
         return done
 
     def hurry(self) -> None:
-        """Send what waits for a confirm now: a slot is idle until a range is acked."""
-        if self._waiters:
-            self._urgent.set()
+        """Send what waits for a confirm now, or what is reported next if nothing does
+        yet: a slot is idle until a range is acked, and the ranges it ran may still be on
+        their way here (a worker reports them in the background)."""
+        self._urgent.set()
 
     async def run(self) -> None:
         while True:
