@@ -245,15 +245,14 @@ class Worker:
             try:
                 ran = await self._run_range(job, message)
             except TRANSIENT as exc:
-                # unacked: RabbitMQ delivers the range again once its channel is gone
-                log.warning("range abandoned: broker unavailable", extra={"job": job.spec.job_id, "error": repr(exc)})
+                self._abandoned(job, exc)
             finally:
                 if ran is None:
                     self._release(job)
             if ran is not None:
                 # the slot takes its next range at once: what ran is settled, logged and
                 # reported, and the range acked once its statuses are safe, in the background
-                # (while the next payload runs: 0.15 ms less between two payloads)
+                # (while the next payload runs: 0.28 -> 0.19 ms between two 50 ms payloads)
                 self._in_background(self._conclude(job, message, ran))
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
@@ -265,10 +264,15 @@ class Worker:
     async def _conclude(self, job: Job, message: Delivery, ran: Ran) -> None:
         try:
             await self._report_and_ack(job, message, ran)
-        except TRANSIENT as exc:  # unacked: delivered again once the channel is gone
-            log.warning("range abandoned: broker unavailable", extra={"job": job.spec.job_id, "error": repr(exc)})
+        except TRANSIENT as exc:
+            self._abandoned(job, exc)
         finally:
             self._release(job)
+
+    @staticmethod
+    def _abandoned(job: Job, exc: BaseException) -> None:
+        # unacked: RabbitMQ delivers the range again once its channel is gone
+        log.warning("range abandoned: broker unavailable", extra={"job": job.spec.job_id, "error": repr(exc)})
 
     def _release(self, job: Job) -> None:
         """A range of ``job`` is done with; the last one out of a drained job tears it
@@ -500,7 +504,7 @@ class Worker:
                 self._log_event(job, f.event, f.attempt, f.outcome)
                 f = await self._settle(job, f.event, f.attempt, f.outcome)
             finals.append(f)
-        await (await self._finish_range(job, finals, ran.rest, ran.redeliveries))
+        await self._finish_range(job, finals, ran.rest, ran.redeliveries)
         with contextlib.suppress(Exception):  # a job deleted meanwhile: nothing left to ack
             await job.queue.ack(message)
 
@@ -638,10 +642,9 @@ class Worker:
 
     async def _finish_range(
         self, job: Job, finals: list[StatusUpdate], rest: list[EventSpec], redeliveries: int
-    ) -> asyncio.Future[None]:
+    ) -> None:
         """Give back what did not run (keeping the range's count of lost deliveries) and
-        send the statuses; the range may be acked once the returned future resolves
-        (its statuses are then safe in es.status)."""
+        send the statuses; returns once they are safe in es.status (confirmed)."""
         if rest and not job.cancelled:
             back = EventRange(workflow_id=job.spec.workflow_id, job_id=job.spec.job_id, events=rest)
             headers = {DELIVERIES_HEADER: redeliveries} if redeliveries else None
@@ -652,10 +655,7 @@ class Worker:
         job.events_done += events
         self.events_done += events
         if finals:
-            return self.reporter.report(finals)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
+            await self.reporter.report(finals)
 
     def _log_event(self, job: Job, event: EventSpec, attempt: int, outcome: Outcome | None) -> None:
         """The event's part of the job log: a header, its output, a footer (None: cancelled)."""
