@@ -1,6 +1,6 @@
 """One worker alone against RabbitMQ: its CPU per event, without the control plane.
 
-    python -m benchmarks.worker_alone [--events N] [--per-range K] [--slots S] [--profile]
+    python -m benchmarks.worker_alone [--events N] [--per-range K] [--slots S] [--prefetch P] [--profile]
 
 Publishes one job's ranges of no-op events straight to a job queue, runs a worker in
 this process until every event is reported, and prints events/s and CPU µs per event
@@ -26,7 +26,7 @@ from schemas.messages import EventRange, EventSpec, JobAnnouncement, PayloadSpec
 from workers.worker import Worker
 
 
-async def main(events: int, per_range: int, slots: int, profile: bool) -> None:
+async def main(events: int, per_range: int, slots: int, prefetch: int | None, profile: bool) -> None:
     settings = Settings.from_env()
     names = Names(f"alone{uuid.uuid4().hex[:6]}.")
     broker = await Broker.connect(settings.amqp_url, names, client="bench-worker-alone")
@@ -53,7 +53,7 @@ async def main(events: int, per_range: int, slots: int, profile: bool) -> None:
     )
     await broker.publish(names.jobs, encode(spec))
     tmp = Path(tempfile.mkdtemp(prefix="es-alone-"))
-    worker = Worker(broker, slots=slots, work_dir=tmp / "work", log_dir=tmp / "logs")
+    worker = Worker(broker, slots=slots, prefetch=prefetch, work_dir=tmp / "work", log_dir=tmp / "logs")
     stop = asyncio.Event()
     prof = cProfile.Profile() if profile else None
     t0, c0 = time.perf_counter(), time.process_time()
@@ -85,6 +85,7 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--per-range", type=int, default=10)
     parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--prefetch", type=int, help="ranges held at once (default: one per slot)")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    asyncio.run(main(args.events, args.per_range, args.slots, args.profile))
+    asyncio.run(main(args.events, args.per_range, args.slots, args.prefetch, args.profile))

@@ -193,9 +193,7 @@ class Bookkeeper:
             return
         ended = set().union(*(jobs for jobs, _ in committed))
         await patiently(lambda: self.finisher.check(ended), what="finishing")
-        for _, messages in committed:
-            for message in messages:
-                with contextlib.suppress(*TRANSIENT, RuntimeError):
-                    # a channel lost since: RabbitMQ delivers the message again, and
-                    # applying it again changes nothing
-                    await message.ack()
+        with contextlib.suppress(*TRANSIENT, RuntimeError):
+            # a channel lost since: RabbitMQ delivers the messages again, and applying
+            # them again changes nothing
+            await self.broker.ack_all(message for _, messages in committed for message in messages)

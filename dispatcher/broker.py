@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import itertools
 import logging
 import uuid
 from collections import deque
@@ -291,6 +292,8 @@ class Broker:
         self._plain: AbstractConnection | None = None
         self._admin: AbstractChannel | None = None
         self._next_channel: asyncio.Future[tuple[AbstractChannel, int]] | None = None
+        self._id_prefix = uuid.uuid4().hex[:8]
+        self._ids = itertools.count()
 
     @classmethod
     async def connect(cls, url: str, names: Names, *, client: str = "dispatcher") -> Broker:
@@ -422,7 +425,9 @@ class Broker:
             for routing_key, body in items:
                 channel.delivery_tag += 1
                 tag = channel.delivery_tag
-                message_id = uuid.uuid4().hex  # how a returned (unroutable) message is matched
+                # how a returned (unroutable) message is matched: unique on the channel
+                # (a uuid4 each was a getrandom(2) each)
+                message_id = f"{self._id_prefix}{next(self._ids)}"
                 confirm = channel.create_future()
                 channel.confirmations[tag] = confirm
                 channel.message_id_delivery_tag[message_id] = tag
@@ -436,6 +441,25 @@ class Broker:
             if frames:
                 await channel.write_queue.put(ChannelFrame.marshall(frames=frames, channel_number=channel.number))
         await asyncio.gather(*confirms)
+
+    async def ack_all(self, messages: Iterable[AbstractIncomingMessage]) -> None:
+        """Ack deliveries: a basic.ack each, but a channel's all in one write. The
+        bookkeeper acks a transaction's messages together; one write per ack was a
+        send(2) each (50-300 µs on this VM) and a loop turn for its drain."""
+        tags: dict[aiormq.abc.AbstractChannel, list[int]] = {}
+        for message in messages:
+            try:
+                channel = message.channel
+            except aio_pika.exceptions.ChannelInvalidStateError:
+                continue  # delivered on a channel lost since: RabbitMQ delivers it again
+            if message.delivery_tag is not None:
+                tags.setdefault(channel, []).append(message.delivery_tag)
+        for channel, delivered in tags.items():
+            assert isinstance(channel, aiormq.Channel)  # its write queue is the concrete channel's
+            if channel.is_closed:  # (its number may be another channel's by now)
+                continue
+            frames = [spec.Basic.Ack(delivery_tag=tag) for tag in delivered]
+            await channel.write_queue.put(ChannelFrame.marshall(frames=frames, channel_number=channel.number))
 
     async def decode_or_dead_letter(
         self,

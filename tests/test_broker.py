@@ -44,3 +44,37 @@ async def test_an_unroutable_message_among_many_raises_and_the_channel_goes_on(b
     await broker.publish(name, b"alone")
     assert [body for body, _, _ in await drain(broker, name)] == [b"first", b"third", b"after", b"alone"]
     await broker.delete_queue(name)
+
+
+async def test_ack_all_acks_every_message_in_one_write(broker: Broker) -> None:
+    """What the bookkeeper acks stays acked: after the channel closes, RabbitMQ
+    delivers again only what was not acked."""
+    name = broker.names.job(1)
+    await broker.declare_job_queue(name)
+    await broker.publish_many((name, f"status {i}".encode()) for i in range(10))
+    ch = await broker.channel()
+    queue = await ch.get_queue(name, ensure=False)
+    got = [await queue.get(no_ack=False) for _ in range(10)]
+    underlay = await ch.get_underlay_channel()
+    assert isinstance(underlay, aiormq.Channel)
+    writes_before = underlay.write_queue.qsize()
+    await broker.ack_all(m for m in got if m.body != b"status 3")
+    assert underlay.write_queue.qsize() - writes_before <= 1  # one write (unless already sent)
+    await ch.close()
+    assert [body for body, _, _ in await drain(broker, name)] == [b"status 3"]
+    await broker.delete_queue(name)
+
+
+async def test_ack_all_skips_a_closed_channel(broker: Broker) -> None:
+    name = broker.names.job(1)
+    await broker.declare_job_queue(name)
+    await broker.publish_many((name, f"status {i}".encode()) for i in range(2))
+    old = await broker.channel()
+    lost = await (await old.get_queue(name, ensure=False)).get(no_ack=False)
+    await old.close()
+    ch = await broker.channel()
+    kept = await (await ch.get_queue(name, ensure=False)).get(no_ack=False)
+    await broker.ack_all([lost, kept])  # the closed channel's is left to come back
+    await ch.close()
+    assert len(await drain(broker, name)) == 1
+    await broker.delete_queue(name)
