@@ -669,10 +669,12 @@ class Worker:
             f" error={error.splitlines()[0][:200]!r}\n" if error else "\n"
         )
         # written whole, with no await in between: slots never interleave in the log
+        if outcome is not None and not outcome.output:
+            job.log.write(f"{header}{footer}".encode())  # nothing in between: one write
+            return
         job.log.write(header.encode())
-        if outcome is None or outcome.output:
-            output = _output(job, event)
-            with contextlib.suppress(FileNotFoundError), open(output, "rb") as out:
-                shutil.copyfileobj(out, job.log)
-                os.unlink(output)
+        output = _output(job, event)
+        with contextlib.suppress(FileNotFoundError), open(output, "rb") as out:
+            shutil.copyfileobj(out, job.log)
+            os.unlink(output)
         job.log.write(footer.encode())
