@@ -28,6 +28,14 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """A pooled connection goes back as it is: no session state is ever left on one
+    (listeners have connections of their own, temporary tables drop at commit, the
+    migration lock is released in a ``finally``). The default reset was a round trip
+    (RESET ALL, UNLISTEN *, ...) on every release, a few per bookkeeping transaction;
+    an open transaction is still rolled back by the pool."""
+
+
 @dataclass(frozen=True)
 class JobToPublish:
     id: int
@@ -88,7 +96,9 @@ class Store:
 
     @classmethod
     async def connect(cls, dsn: str, *, max_size: int = 4) -> Store:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, init=_init_connection)
+        pool = await asyncpg.create_pool(
+            dsn, min_size=1, max_size=max_size, init=_init_connection, reset=_keep_session
+        )
         assert pool is not None
         return cls(pool, dsn)
 

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import yaml
 
 from dispatcher.store import Store
@@ -223,3 +224,26 @@ async def test_release_window_bounds_the_jobs_with_queues(store: Store) -> None:
     assert len(first) == 5
     assert await store.claim_jobs(window=5) == []  # window full
     assert len(await store.claim_jobs(window=8)) == 3
+
+
+async def test_a_released_connection_costs_no_reset_query_but_its_transaction_ends(store: Store) -> None:
+    """The pool's connections carry no session state, so a release sends nothing (the
+    default reset was a round trip each); a transaction left open is still rolled back."""
+    seen: list[str] = []
+
+    def logged(record: asyncpg.connection.LoggedQuery) -> None:
+        seen.append(record.query)
+
+    async with store.pool.acquire() as conn:
+        raw = conn._con  # type: ignore[attr-defined]  # the connection behind the proxy
+        raw.add_query_logger(logged)
+        await conn.fetchval("SELECT 1")
+        tx = conn.transaction()
+        await tx.start()  # left open on purpose
+        await conn.execute("CREATE TEMP TABLE left_open (x int)")
+    raw.remove_query_logger(logged)
+    assert seen[0] == "SELECT 1"
+    assert not any("RESET" in q or "UNLISTEN" in q or "advisory" in q for q in seen), seen
+    assert seen[-1] == "ROLLBACK"
+    async with store.pool.acquire() as conn:  # the rolled-back table is gone
+        assert await conn.fetchval("SELECT to_regclass('pg_temp.left_open')") is None
