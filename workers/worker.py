@@ -42,6 +42,7 @@ from schemas.messages import (
     DeadLetter,
     EventRange,
     EventSpec,
+    EventStatus,
     Heartbeat,
     JobAnnouncement,
     JobLog,
@@ -589,12 +590,12 @@ class Worker:
             for lost in range(event.attempt, attempt)
         ]
 
-    def _update(self, job: Job, event: EventSpec, attempt: int, outcome: Outcome, status: str) -> StatusUpdate:
+    def _update(self, job: Job, event: EventSpec, attempt: int, outcome: Outcome, status: EventStatus) -> StatusUpdate:
         return StatusUpdate(
             job_id=job.spec.job_id,
             number=event.number,
             attempt=attempt,
-            status=status,  # type: ignore[arg-type]
+            status=status,
             worker=self.id,
             started_at=outcome.started_at,
             ended_at=outcome.ended_at,
