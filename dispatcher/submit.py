@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dispatcher.store import Store
-from schemas.mapping import iter_mapping
-from schemas.submission import SubmissionError, load_submission, plan
+from schemas.mapping import iter_mapping, open_mapping
+from schemas.submission import load_submission, plan
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +17,7 @@ async def submit(store: Store, path: str | Path, mapping: str | Path | None = No
     """Returns the new workflow's id; raises ``SubmissionError`` (and writes no row)
     for a submission or mapping that is not valid."""
     sub, mapping_path = load_submission(path, mapping)
-    if not mapping_path.is_file():
-        raise SubmissionError(f"mapping file not found: {mapping_path}")
+    open_mapping(mapping_path).close()  # refuse a missing file, a FIFO, /dev/zero before any write
     plans = plan(sub)
     labels = {p.label for p in plans}
 

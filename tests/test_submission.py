@@ -135,3 +135,57 @@ def test_include_loop_is_rejected(tmp_path: Path) -> None:
     write(tmp_path, {"includeConfigs": "a.yaml"}, "b.yaml")
     with pytest.raises(SubmissionError, match="includeConfigs loop"):
         load_submission(tmp_path / "a.yaml")
+
+
+def _chain(n: int) -> dict[str, object]:
+    tasks = {
+        f"t{i}": {"payloadCommand": "echo {payload}", **({"dependsOn": f"t{i - 1}"} if i else {})} for i in range(n)
+    }
+    return {"mapping": "m.json", "pipetask": tasks}
+
+
+def test_a_chain_of_thousands_of_labels_is_ordered_without_recursion(tmp_path: Path) -> None:
+    data = _chain(3000)
+    data["pipetask"] = dict(reversed(data["pipetask"].items()))  # type: ignore[attr-defined]
+    path = tmp_path / "wf.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))  # children first: the deepest walk
+    sub, _ = load_submission(path)
+    assert [p.label for p in plan(sub)] == [f"t{i}" for i in range(3000)]
+
+
+def test_a_long_cycle_is_named_in_one_short_line(tmp_path: Path) -> None:
+    data = _chain(500)
+    data["pipetask"]["t0"]["dependsOn"] = "t499"  # type: ignore[index]
+    with pytest.raises(
+        SubmissionError, match=r"dependency cycle: t0 -> t499 -> .* \(481 more\) .* -> t1 -> t0$"
+    ) as info:
+        load_submission(write(tmp_path, data))
+    assert len(str(info.value)) < 400
+
+
+def test_a_tiny_request_walltime_caps_the_job_size_at_the_column(tmp_path: Path) -> None:
+    data = dict(BASE, enableEventService="isr", maxWmsJobWalltime=86400, requestWalltime=1e-300)
+    sub, _ = load_submission(write(tmp_path, data))
+    assert sizes(sub)["isr"] == (True, 2**31 - 1)  # tasks.max_payloads_per_job is an integer
+
+
+def test_ordinary_anchors_and_a_diamond_of_includes_still_load(tmp_path: Path) -> None:
+    (tmp_path / "common.yaml").write_text("numberOfRetries: 2\n")
+    (tmp_path / "left.yaml").write_text("includeConfigs: common.yaml\n")
+    (tmp_path / "right.yaml").write_text("includeConfigs: common.yaml\nretryDelay: 5\n")
+    (tmp_path / "wf.yaml").write_text(
+        "includeConfigs: [left.yaml, right.yaml]\nmapping: m.json\n"
+        "x-cmd: &cmd 'echo {payload}'\n"
+        "pipetask:\n  a: {payloadCommand: *cmd}\n  b: {payloadCommand: *cmd, dependsOn: a}\n"
+    )
+    sub, _ = load_submission(tmp_path / "wf.yaml")
+    assert [(p.label, p.max_attempts, p.retry_delay, p.payload.command) for p in plan(sub)] == [
+        ("a", 3, 5.0, "echo {payload}"),
+        ("b", 3, 5.0, "echo {payload}"),
+    ]
+
+
+@pytest.mark.parametrize("value", ["3", 3.0, True])
+def test_integer_keys_take_integers_only(tmp_path: Path, value: object) -> None:
+    with pytest.raises(SubmissionError, match="numberOfRetries"):
+        load_submission(write(tmp_path, dict(BASE, numberOfRetries=value)))
