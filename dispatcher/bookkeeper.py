@@ -8,23 +8,37 @@ Two loops: one applies transactions back to back; the other, behind it, checks w
 the jobs they ended are finished and then acks their messages (so a crash before that
 check redelivers them, and the check is made again). The check and the acks once took a
 sixth of the bookkeeping's time; now the next transaction does not wait for them.
+
+What a transaction decides is published before its messages are acked: next attempts,
+events returned to their jobs, dead letters (``Reissuer``), and the messages it refused
+(statuses for unknown events or attempts never issued, and what workers refused).
+
+One message never stops the bookkeeping: a batch the database refuses for a reason that
+is not an outage (a value no column can hold, say) is applied again message by message,
+and the one message it still refuses goes to es.dlq with the database's reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 from collections import deque
 from functools import partial
 
+import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
 from dispatcher.broker import Broker
 from dispatcher.finisher import Finisher
-from dispatcher.retry import TRANSIENT, patiently
-from dispatcher.store import Store
-from schemas.messages import StatusBatch
+from dispatcher.reissue import Reissuer
+from dispatcher.retry import is_outage, patiently
+from dispatcher.store import Applied, Store
+from schemas.messages import Heartbeat, StatusBatch, StatusUpdate
+from schemas.text import storable
+
+Taken = list[tuple[AbstractIncomingMessage, StatusBatch]]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +57,7 @@ class Bookkeeper:
         store: Store,
         broker: Broker,
         finisher: Finisher,
+        reissuer: Reissuer,
         *,
         batch_size: int,
         linger: float,
@@ -52,6 +67,7 @@ class Bookkeeper:
         self.parallel = parallel  # transactions side by side (each for its share of the jobs)
         self.broker = broker
         self.finisher = finisher
+        self.reissuer = reissuer
         self.batch_size = batch_size
         self.linger = linger
         # in arrival order; a batch of None is a message not decoded yet
@@ -147,12 +163,44 @@ class Bookkeeper:
         if not taken:
             return set()
         updates = [u for _, b in taken for u in b.updates]
+        try:
+            applied = await self._apply_shares(taken)
+        except asyncpg.PostgresError as exc:  # not an outage: those are waited out
+            log.error(
+                "the database refused a batch: applying its messages one by one",
+                extra={"messages": len(taken), "error": storable(str(exc), 300)},
+            )
+            applied = await self._apply_alone(taken)
+        moved = set().union(*(a.moved for a in applied))
+        refused = {(r.job_id, r.number, r.attempt): r for a in applied for r in a.refused}
+        if refused:  # statuses for no known event, or for an attempt never issued
+            for message, batch in taken:
+                bad = [refused[k] for u in batch.updates if (k := (u.job_id, u.number, u.attempt)) in refused]
+                if bad:  # the rest of the message was applied
+                    await self.broker.dead_letter(message.body, bad[0].reason(), source=self.broker.names.status)
+        due = [d for a in applied for d in a.due]
+        if due:
+            await patiently(partial(self.reissuer.publish, due), what="issuing attempts")
+        await self._forward_refused(taken)
+        invited = sorted({job for _, b in taken for job in b.invite})
+        if invited:
+            await patiently(partial(self.reissuer.announce, invited), what="announcing")
+        self.applied += len(updates)
+        # not only the jobs this batch moved: a duplicate may be all that is left of a
+        # batch whose finish check was lost in a crash
+        ended = {u.job_id for u in updates if u.status in ("finished", "failed", "returned", "stopped")}
+        self._committed.append((ended, [message for message, _ in taken]))
+        self._has_committed.set()
+        return moved
+
+    async def _apply_shares(self, taken: Taken) -> list[Applied]:
+        """The batch in ``parallel`` transactions side by side, one per share of the jobs:
+        they never lock the same events, and Postgres applies them on as many cores (one
+        transaction at a time fell seconds behind two workers at ranges of 10). Unacked
+        until all committed: a database outage only makes us wait."""
+        updates = [u for _, b in taken for u in b.updates]
         logs = [lg for _, b in taken for lg in b.logs]
         beats = [(b.worker, b.heartbeat) for _, b in taken if b.heartbeat is not None]
-        # Side by side, one transaction per share of the jobs: they never lock the same
-        # events, and Postgres applies them on as many cores (one transaction at a time
-        # fell seconds behind two workers at ranges of 10). Unacked until all committed:
-        # a database outage only makes us wait.
         n = self.parallel
         shares = [
             (
@@ -162,27 +210,51 @@ class Bookkeeper:
             )
             for i in range(n)
         ]
-        applied = await asyncio.gather(
-            *(
-                patiently(partial(self.store.apply_batch, *share), what="bookkeeping")
-                for share in shares
-                if any(share)
+        return list(
+            await asyncio.gather(
+                *(
+                    patiently(partial(self.store.apply_batch, *share), what="bookkeeping")
+                    for share in shares
+                    if any(share)
+                )
             )
         )
-        moved = set().union(*(a.moved for a in applied))
-        unknown = set().union(*(a.unknown for a in applied))
+
+    async def _apply_alone(self, taken: Taken) -> list[Applied]:
+        """Each message in a transaction of its own (applying one again changes nothing);
+        one the database still refuses goes to es.dlq with its reason."""
+        applied = []
         for message, batch in taken:
-            bad = [u for u in batch.updates if (u.job_id, u.number) in unknown]
-            if bad:  # poison: an update for no event we know; the rest of it was applied
-                reason = f"status for unknown event(s): job {bad[0].job_id} event {bad[0].number}"
+            beats: list[tuple[str, Heartbeat]] = [(batch.worker, batch.heartbeat)] if batch.heartbeat else []
+            updates: list[StatusUpdate] = list(batch.updates)
+            try:
+                applied.append(
+                    await patiently(
+                        partial(self.store.apply_batch, updates, batch.logs, beats), what="bookkeeping"
+                    )
+                )
+            except asyncpg.PostgresError as exc:
+                reason = f"the database refused this status message: {type(exc).__name__}: {exc}"
                 await self.broker.dead_letter(message.body, reason, source=self.broker.names.status)
-        self.applied += len(updates)
-        # not only the jobs this batch moved: a duplicate may be all that is left of a
-        # batch whose finish check was lost in a crash
-        ended = {u.job_id for u in updates if u.status in ("finished", "failed")}
-        self._committed.append((ended, [message for message, _ in taken]))
-        self._has_committed.set()
-        return moved
+        return applied
+
+    async def _forward_refused(self, taken: Taken) -> None:
+        """Messages workers refused (a worker may not publish to es.dlq itself)."""
+        for _, batch in taken:
+            for r in batch.refused:
+                try:
+                    body = base64.b64decode(r.body, validate=True)
+                except ValueError:
+                    body = r.body.encode()
+                await self.broker.publish(
+                    self.broker.names.dlq,
+                    body,
+                    headers={
+                        "x-reason": storable(r.reason, 1000),
+                        "x-source-queue": r.source,
+                        "x-refused-by": batch.worker,
+                    },
+                )
 
     async def settle(self) -> None:
         """Check the jobs that committed transactions ended (all of them at once), then
@@ -193,7 +265,10 @@ class Bookkeeper:
             return
         ended = set().union(*(jobs for jobs, _ in committed))
         await patiently(lambda: self.finisher.check(ended), what="finishing")
-        with contextlib.suppress(*TRANSIENT, RuntimeError):
+        try:
+            await self.broker.ack_all(message for _, messages in committed for message in messages)
+        except Exception as exc:
             # a channel lost since: RabbitMQ delivers the messages again, and applying
             # them again changes nothing
-            await self.broker.ack_all(message for _, messages in committed for message in messages)
+            if not is_outage(exc):
+                raise

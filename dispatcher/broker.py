@@ -40,14 +40,23 @@ log = logging.getLogger(__name__)
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
 # Per-job queues are classic durable queues, consumed with a prefetch. A range delivered
-# again after its worker died arrives flagged ``redelivered``; the worker that gets it
-# republishes it with DELIVERIES_HEADER counting such deliveries (and acks the old copy),
-# so a range that keeps killing workers is given up after MAX_REDELIVERIES. (Quorum
-# queues count deliveries themselves, but RabbitMQ 3.10 also counts the ranges on their
-# way to a consumer that is cancelled, which every worker leaving a job does; and
-# creating and deleting hundreds of them a minute left RabbitMQ unresponsive here.)
-MAX_REDELIVERIES = 3
-DELIVERIES_HEADER = "es-deliveries"
+# again (its holder was lost, or RabbitMQ restarted) arrives flagged ``redelivered``; the
+# worker that gets it does not run it but returns its events to the control plane, which
+# charges an attempt only for events Postgres saw running and issues them again (see
+# ``return_events`` in the SQL). A range that keeps killing workers runs out of attempts.
+
+# AMQP heartbeats (seconds) unless the URL sets its own: a hung peer (a SIGSTOPped
+# worker) is dropped by RabbitMQ after about two of them, and its unacked ranges go back
+# to their queues. Workers run blocking payload functions in their event loop, so a
+# function that blocks longer than this loses its worker's connection.
+HEARTBEAT = 10
+
+
+def with_heartbeat(url: str, seconds: int = HEARTBEAT) -> str:
+    """``url`` with ``heartbeat=seconds`` in its query unless it names one already."""
+    if "heartbeat=" in url:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}heartbeat={seconds}"
 
 # One delay queue per backoff step, each with a fixed TTL: a per-message TTL expires only
 # at the head of a queue, so mixed delays in one queue would hold short ones behind long.
@@ -238,27 +247,18 @@ class JobQueue:
                 channel = await self._channel.get_underlay_channel()
                 await channel.basic_cancel(tag)
 
-    async def give_back(self, message: Delivery) -> None:
-        """Republished as it was, then acked: not counted as a delivery (a requeue would
-        come back flagged ``redelivered``, as if it had killed a worker)."""
-        with contextlib.suppress(Exception):
-            await self._broker.publish(self.name, message.body, headers=dict(message.headers))
-            await self.ack(message)
-
     async def close(self, *, give_back: bool = True) -> None:
-        """Stop consuming; ranges delivered but never started go back to the queue
-        (or, ``give_back=False``, are dropped: their job was cancelled)."""
+        """Stop consuming; ranges delivered but never started go back to the queue when
+        the channel closes, unacked (they come back flagged ``redelivered`` and are
+        returned to the control plane, which finds them queued and charges nothing), or,
+        ``give_back=False``, are acked and dropped: their job was cancelled."""
         self._closed = True
         await self.stop_consuming()
         for _ in range(4):  # deliveries read before the cancel's answer: let them land
             await asyncio.sleep(0)
-        while not self._buffer.empty():
-            message = self._buffer.get_nowait()
-            if give_back:
-                await self.give_back(message)
-            else:
-                with contextlib.suppress(Exception):
-                    await self.ack(message)
+        while not give_back and not self._buffer.empty():
+            with contextlib.suppress(Exception):
+                await self.ack(self._buffer.get_nowait())
         if not self._channel.is_closed:
             with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
                 await self._channel.close()
@@ -291,6 +291,8 @@ class Broker:
         self._reopen = asyncio.Lock()
         self._plain: AbstractConnection | None = None
         self._admin: AbstractChannel | None = None
+        self._looker: AbstractChannel | None = None
+        self._looking = asyncio.Lock()
         self._next_channel: asyncio.Future[tuple[AbstractChannel, int]] | None = None
         self._id_prefix = uuid.uuid4().hex[:8]
         self._ids = itertools.count()
@@ -298,6 +300,7 @@ class Broker:
     @classmethod
     async def connect(cls, url: str, names: Names, *, client: str = "dispatcher") -> Broker:
         log.info("connecting to RabbitMQ", extra={"url": redact(url)})
+        url = with_heartbeat(url)
         connection = await aio_pika.connect_robust(url, client_properties={"connection_name": client})
         broker = cls(connection, names, url, client)
         await broker._channel()
@@ -320,7 +323,9 @@ class Broker:
                     return await self._plain.channel()
                 except (aiormq.exceptions.AMQPError, RuntimeError):
                     pass  # lost with the broker: connect again below
-            self._plain = await aio_pika.connect(self._url, client_properties={"connection_name": self._client})
+            self._plain = await aio_pika.connect(
+                with_heartbeat(self._url), client_properties={"connection_name": self._client}
+            )
             return await self._plain.channel()
 
     async def _admin_channel(self) -> AbstractChannel:
@@ -329,10 +334,16 @@ class Broker:
         return self._admin
 
     async def declare_topology(self) -> None:
-        """Declare every fixed queue and exchange (idempotent; all parties call it)."""
+        """Declare every fixed queue and exchange (idempotent; the control plane calls
+        it, and tests; a worker's user may declare none of it)."""
         ch = await self._channel()
         for name in (self.names.jobs, self.names.status, self.names.dlq, self.names.dead_ranges):
             await ch.declare_queue(name, durable=True)
+        # statuses come in through an exchange of their own: a worker's user may write to
+        # it and to nothing else
+        status = await ch.declare_exchange(self.names.status_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+        queue = await ch.get_queue(self.names.status, ensure=False)
+        await queue.bind(status)
         delay = await ch.declare_exchange(self.names.delay, aio_pika.ExchangeType.HEADERS, durable=True)
         for step in DELAY_STEPS_MS:
             # on expiry a message goes back through the default exchange, under the
@@ -354,7 +365,7 @@ class Broker:
         ch = await self._channel()
         for name in self.fixed_queues():
             await ch.queue_delete(name)
-        for exchange in (self.names.delay, self.names.control):
+        for exchange in (self.names.delay, self.names.control, self.names.status_exchange):
             await ch.exchange_delete(exchange)
 
     async def _channel(self) -> AbstractChannel:
@@ -370,6 +381,10 @@ class Broker:
     async def publish(self, routing_key: str, body: bytes, *, headers: dict[str, Any] | None = None) -> None:
         """Publish persistently to a queue; returns once RabbitMQ confirmed it."""
         await self._publish("", routing_key, body, headers)
+
+    async def publish_status(self, body: bytes) -> None:
+        """A worker's status batch, through the status exchange (confirmed)."""
+        await self._publish(self.names.status_exchange, "", body, None)
 
     async def publish_delayed(self, routing_key: str, body: bytes, seconds: float) -> None:
         """Publish so that the message reaches ``routing_key`` after about ``seconds``
@@ -504,6 +519,14 @@ class Broker:
         ch = await self._admin_channel()
         await ch.queue_delete(name)
 
+    async def purge_queue(self, name: str) -> None:
+        """Drop the messages ready in a queue (not those delivered and unacked); a missing
+        queue is declared (empty)."""
+        await self.declare_job_queue(name)
+        ch = await self._admin_channel()
+        queue = await ch.get_queue(name, ensure=False)
+        await queue.purge()
+
     async def queue_depth(self, name: str) -> int | None:
         """Messages ready in a queue, or None if it does not exist."""
         looked = await self._look_at(name)
@@ -515,14 +538,16 @@ class Broker:
         return None if looked is None else (looked.message_count or 0, looked.consumer_count or 0)
 
     async def _look_at(self, name: str) -> spec.Queue.DeclareOk | None:
-        ch = await self.channel()
-        try:
-            return (await ch.declare_queue(name, passive=True)).declaration_result
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return None
-        finally:
-            if not ch.is_closed:
-                await ch.close()
+        """A passive declare, on a channel kept for it (the control plane looks at every
+        active job's queue each second): a missing queue closes the channel, and the
+        next look opens another."""
+        async with self._looking:
+            if self._looker is None or self._looker.is_closed:
+                self._looker = await self.channel()
+            try:
+                return (await self._looker.declare_queue(name, passive=True)).declaration_result
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return None
 
     async def open_job(self, name: str, *, prefetch: int = 1, idle: float = 0.01, consume: bool = True) -> JobQueue:
         """A consumer on a job's queue (see JobQueue); ``consume=False``: only looked at
@@ -575,7 +600,8 @@ class Broker:
     async def announcements(self) -> Announcements:
         ch = await self.connection.channel()
         await ch.set_qos(prefetch_count=1)
-        return Announcements(await ch.declare_queue(self.names.jobs, durable=True))
+        # passive: the control plane declares it (a worker's user may not)
+        return Announcements(await ch.declare_queue(self.names.jobs, passive=True))
 
 
 class Announcements:

@@ -26,6 +26,13 @@ class Names:
         return f"{self.prefix}es.status"
 
     @property
+    def status_exchange(self) -> str:
+        """Where workers publish statuses: a fanout exchange bound to the status queue. Its
+        own name so that a worker's user may write to it and to nothing else (publishing
+        through the default exchange could reach any queue)."""
+        return f"{self.prefix}es.status"
+
+    @property
     def dlq(self) -> str:
         return f"{self.prefix}es.dlq"
 
@@ -70,6 +77,8 @@ class Settings:
     monitor_port: int = 8321
     monitor_token: str | None = None
     monitor_read_token: str | None = None
+    # Host header names the monitor answers to, any port (empty: monitor_host and loopback)
+    monitor_hosts: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -87,6 +96,7 @@ class Settings:
             monitor_port=int(env.get("DISPATCHER_MONITOR_PORT", "8321")),
             monitor_token=env.get("DISPATCHER_MONITOR_TOKEN") or None,
             monitor_read_token=env.get("DISPATCHER_MONITOR_READ_TOKEN") or None,
+            monitor_hosts=tuple(h.strip() for h in env.get("DISPATCHER_MONITOR_HOSTS", "").split(",") if h.strip()),
         )
 
     def override(self, **changes: object) -> Settings:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
@@ -14,16 +16,22 @@ from dispatcher.bookkeeper import Bookkeeper
 from dispatcher.broker import Broker
 from dispatcher.config import Settings
 from dispatcher.finisher import Finisher
+from dispatcher.reissue import Reissuer
 from dispatcher.releaser import Releaser
-from dispatcher.retry import TRANSIENT, patiently
+from dispatcher.retry import is_outage, patiently
 from dispatcher.store import Store
-from schemas.messages import DeadLetter, EventRange, StatusUpdate, encode
-from workers.payload import now
+from schemas.messages import EventRange, MessageError, StatusUpdate, decode
 
 log = logging.getLogger(__name__)
 
 # a claim older than this belongs to a control plane that died while publishing
 STALE_CLAIM_SECONDS = 30.0
+# how often jobs with ranges ready and no consumer are looked for (their only worker
+# died: RabbitMQ gave its ranges back at once, but nobody consumes them), at most
+UNCONSUMED_CHECK_SECONDS = 1.0
+# an unconsumed job announced this recently is not announced again while announcements
+# wait in es.jobs (all workers busy: a second one would only pile up)
+REANNOUNCE_SECONDS = 10.0
 
 
 class ControlPlane:
@@ -33,8 +41,9 @@ class ControlPlane:
         self.broker = broker
         self.releaser = Releaser(store, broker, window=settings.release_window)
         self.finisher = Finisher(store, broker, on_task_end=self.releaser.wake)
+        self.reissuer = Reissuer(store, broker)
         self.bookkeeper = Bookkeeper(
-            store, broker, self.finisher, batch_size=settings.batch_size, linger=settings.batch_linger
+            store, broker, self.finisher, self.reissuer, batch_size=settings.batch_size, linger=settings.batch_linger
         )
 
     @classmethod
@@ -67,6 +76,7 @@ class ControlPlane:
             asyncio.create_task(self.bookkeeper.run(), name="bookkeeper"),
             asyncio.create_task(self._listen(), name="listener"),
             asyncio.create_task(self._watchdog(), name="watchdog"),
+            asyncio.create_task(self._unconsumed(), name="unconsumed"),
         ]
         log.info("control plane running", extra={"prefix": self.settings.names.prefix or "-"})
         waiter = asyncio.create_task(stop.wait())
@@ -113,14 +123,46 @@ class ControlPlane:
 
     async def _watchdog(self) -> None:
         """Timeouts only: workers that stopped reporting, and the work they left."""
+        await self._every(self.settings.heartbeat_interval, self.find_lost_work, "watchdog")
+
+    async def _unconsumed(self) -> None:
+        await self._every(
+            min(UNCONSUMED_CHECK_SECONDS, self.settings.heartbeat_interval), self.announce_unconsumed, "unconsumed"
+        )
+
+    @staticmethod
+    async def _every(seconds: float, round_: Callable[[], Awaitable[object]], what: str) -> None:
         while True:
-            await asyncio.sleep(self.settings.heartbeat_interval)
+            await asyncio.sleep(seconds)
             try:
-                await self.find_lost_work()
-            except TRANSIENT as exc:
-                log.warning("watchdog skipped a round: service unavailable", extra={"error": repr(exc)})
-            except Exception:  # the watchdog is the safety net: it must outlive any bug
-                log.exception("watchdog round failed")
+                await round_()
+            except Exception as exc:  # a safety net: it must outlive any bug
+                if is_outage(exc):
+                    log.warning("%s skipped a round: service unavailable", what, extra={"error": repr(exc)})
+                else:
+                    log.exception("%s round failed", what)
+
+    async def announce_unconsumed(self) -> list[int]:
+        """Announce at once every active job whose queue has ranges ready and no consumer:
+        its only worker died (RabbitMQ gave its ranges back), or a retry arrived after
+        every worker left. Not waiting for the worker to be declared lost is what brings
+        lost work back in seconds. Returns the jobs announced."""
+        names = self.broker.names
+        waiting = await self.broker.queue_depth(names.jobs) or 0
+        clock = time.monotonic()
+        unconsumed = []
+        for job_id in await self.store.active_jobs():
+            state = await self.broker.queue_state(names.job(job_id))
+            if state is None or state[0] == 0 or state[1] > 0:
+                continue
+            last = self.releaser.announced.get(job_id)
+            if waiting and last is not None and clock - last < REANNOUNCE_SECONDS:
+                continue  # its announcement likely waits for a free worker
+            unconsumed.append(job_id)
+        if unconsumed:
+            log.warning("announcing jobs nobody consumes", extra={"jobs": unconsumed[:20], "count": len(unconsumed)})
+            await self.releaser.announce_ids(unconsumed)
+        return unconsumed
 
     async def find_lost_work(self) -> list[int]:
         """Announce again every job that has ranges waiting and no live worker serving it
@@ -140,41 +182,33 @@ class ControlPlane:
         return lost
 
     async def _on_dead_range(self, message: AbstractIncomingMessage) -> None:
-        """A range RabbitMQ dead-lettered (a job queue's policy rejected or expired it):
-        its events fail, each with a dead letter, so none stays 'running' in the
-        bookkeeping. (Workers give up on ranges that keep killing them themselves.)"""
-        rng = await self.broker.decode_or_dead_letter(message, EventRange, source=self.broker.names.dead_ranges)
-        if rng is None:
+        """A range RabbitMQ dead-lettered from a job's queue (a policy's delivery limit or
+        TTL): its events are returned, as if its worker had been lost, so that none stays
+        'running' and none is lost. The range only selects events: what runs next comes
+        from Postgres. One that does not decode, or claims a job other than the queue it
+        died in, goes to es.dlq."""
+        names = self.broker.names
+        headers = message.headers or {}
+        deaths = headers.get("x-death")
+        queue = headers.get("x-first-death-queue")
+        if queue is None and isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+            queue = deaths[0].get("queue")
+        try:
+            rng = decode(message.body, EventRange)
+        except MessageError as exc:
+            await self.broker.dead_letter(message.body, str(exc), source=names.dead_ranges)
+            await message.ack()
             return
-        jobs = await patiently(lambda: self.store.jobs_to_publish([rng.job_id]), what="dead range")
-        label = jobs[0].label if jobs else "?"
-        death = (message.headers or {}).get("x-first-death-reason")
-        reason = f"RabbitMQ dead-lettered the range ({death!s})"
-        updates = []
-        for event in rng.events:
-            attempt = event.attempt
-            dead = DeadLetter(
-                workflow_id=rng.workflow_id,
-                job_id=rng.job_id,
-                label=label,
-                number=event.number,
-                payload=event.payload,
-                attempts=attempt,
-                error=reason,
-                at=now(),
-            )
-            await self.broker.publish(self.broker.names.dlq, encode(dead), headers={"x-reason": reason})
-            updates.append(
-                StatusUpdate(
-                    job_id=rng.job_id,
-                    number=event.number,
-                    attempt=attempt,
-                    status="failed",
-                    worker="rabbitmq",
-                    ended_at=now(),
-                    error=reason,
-                )
-            )
-        await patiently(lambda: self.store.apply(updates), what="dead range")
+        if queue is not None and str(queue) != names.job(rng.job_id):
+            reason = f"range of job {rng.job_id} dead-lettered from queue {queue!s}"
+            await self.broker.dead_letter(message.body, reason, source=names.dead_ranges)
+            await message.ack()
+            return
+        updates = [
+            StatusUpdate(job_id=rng.job_id, number=e.number, attempt=e.attempt, status="returned", worker="rabbitmq")
+            for e in rng.events
+        ]
+        applied = await patiently(lambda: self.store.apply_batch(updates), what="dead range")
+        await patiently(lambda: self.reissuer.publish(applied.due), what="dead range")
         await message.ack()
         await patiently(lambda: self.finisher.check([rng.job_id]), what="finishing")

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 
 from dispatcher.broker import Broker
-from dispatcher.retry import TRANSIENT
+from dispatcher.retry import is_outage
 from dispatcher.store import JobToPublish, Store
 from schemas.messages import EventRange, EventSpec, JobAnnouncement, PayloadSpec, encode
 
@@ -27,16 +28,13 @@ PUBLISH_CONCURRENCY = 2
 FIRST_RANGES = 32
 
 
-def announcement(job: JobToPublish, queue: str) -> JobAnnouncement:
+def announcement(job: JobToPublish) -> JobAnnouncement:
     return JobAnnouncement(
         workflow_id=job.workflow_id,
         task_id=job.task_id,
         job_id=job.id,
         label=job.label,
-        queue=queue,
         payload=PayloadSpec.model_validate(job.payload),
-        max_attempts=job.max_attempts,
-        retry_delay=job.retry_delay,
     )
 
 
@@ -48,6 +46,7 @@ class Releaser:
         self._wake = asyncio.Event()
         # held while publishing: stopping waits for it, so no publish is cut in half
         self.busy = asyncio.Lock()
+        self.announced: dict[int, float] = {}  # job -> when this releaser last announced it
 
     def wake(self) -> None:
         self._wake.set()
@@ -58,7 +57,9 @@ class Releaser:
             self._wake.clear()
             try:
                 await self.release_once()
-            except TRANSIENT as exc:
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
                 # claimed jobs stay 'releasing' and are reclaimed; try again shortly
                 log.warning("release failed: service unavailable", extra={"error": repr(exc)})
                 await asyncio.sleep(1.0)
@@ -79,13 +80,17 @@ class Releaser:
         return published
 
     async def reclaim(self, older_than: float) -> None:
-        """Publish again jobs a dead control plane left half-published."""
+        """Publish again jobs a dead control plane left half-published. Their queue is
+        purged, never deleted: a worker may hold ranges of it unacked, and those must come
+        back to it if that worker dies. Purging drops only the ranges ready in it; every
+        event not yet reported is republished from Postgres (a held one may so run twice:
+        the bookkeeping absorbs that as it does any duplicate)."""
         async with self.busy:
             job_ids = await self.store.reclaim_stale_releasing(older_than)
             if job_ids:
                 log.warning("republishing jobs left half-released", extra={"jobs": len(job_ids)})
                 for job_id in job_ids:
-                    await self.broker.delete_queue(self.broker.names.job(job_id))
+                    await self.broker.purge_queue(self.broker.names.job(job_id))
                 await self.publish_jobs(job_ids)
 
     async def publish_jobs(self, job_ids: Sequence[int]) -> None:
@@ -112,7 +117,13 @@ class Releaser:
 
     async def announce(self, jobs: Sequence[JobToPublish]) -> None:
         names = self.broker.names
-        await self.broker.publish_many((names.jobs, encode(announcement(job, names.job(job.id)))) for job in jobs)
+        await self.broker.publish_many((names.jobs, encode(announcement(job))) for job in jobs)
+        clock = time.monotonic()
+        for job in jobs:
+            self.announced[job.id] = clock
+        if len(self.announced) > 10 * max(self.window, 100):  # forget the oldest
+            for job_id in sorted(self.announced, key=self.announced.__getitem__)[: len(self.announced) // 2]:
+                del self.announced[job_id]
 
     async def _left_early(self, job: JobToPublish, ranges: int) -> bool:
         """A job announced early: did a worker take ranges and leave before the rest

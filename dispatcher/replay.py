@@ -1,7 +1,9 @@
 """``dispatcher replay``: events out of the dead-letter queue back into their jobs, and
 ``dispatcher cancel``.
 
-Replay takes the DLQ's messages one at a time and holds them unacked while it works;
+Replay takes the DLQ's messages one at a time and holds them unacked while it works; a
+dead letter only selects an event: its payload and its attempts come from Postgres (a
+dead letter is a message, and a message is never trusted to say what runs);
 a dead letter leaves the DLQ only after its event was given a fresh attempt in Postgres
 and its range was republished (confirmed). The rest go back to the DLQ untouched. A
 dead letter whose event has moved on since (replayed already) is dropped, so running
@@ -78,15 +80,15 @@ async def replay(
             if not selector.matches(dead) or (limit is not None and replayed >= limit):
                 held.append(message)
                 continue
+            # the dead letter only selects: the payload and the attempts are Postgres's
             row = await store.dead_event(dead.job_id, dead.number)
-            fresh = dead.attempts + 1
             if row is None:
                 outcomes.append(Outcome(dead, "skipped: no such event in the bookkeeping"))
                 held.append(message)
             elif row["workflow_status"] == "cancelled":
                 outcomes.append(Outcome(dead, "skipped: its workflow was cancelled"))
                 held.append(message)
-            elif row["status"] != "failed" and not (row["status"] == "queued" and row["attempt"] == fresh):
+            elif row["status"] != "failed" and not (row["status"] == "queued" and row["attempt"] == dead.attempts + 1):
                 # the event moved on (replayed already, or finished by a late attempt)
                 outcomes.append(Outcome(dead, f"dropped: event is {row['status']} at attempt {row['attempt']}"))
                 if not dry_run:
@@ -98,22 +100,30 @@ async def replay(
                 held.append(message)
                 replayed += 1
             else:
-                # Postgres first: a range published for an event still 'failed' would be ignored.
-                # A replay killed after this finds the event queued at `fresh` and publishes again.
-                await store.replay_event(dead.workflow_id, dead.job_id, dead.number, fresh)
+                # Postgres first: a range published for an event still 'failed' would be
+                # refused. A replay killed after this finds the event queued at the next
+                # attempt and publishes it again.
+                attempt, payload, workflow_id = row["attempt"], row["payload"], row["workflow_id"]
+                if row["status"] == "failed":
+                    fresh = await store.replay_event(workflow_id, dead.job_id, dead.number, attempt)
+                    if fresh is None:  # replayed meanwhile by someone else
+                        outcomes.append(Outcome(dead, "dropped: replayed meanwhile"))
+                        await message.ack()
+                        continue
+                    attempt, payload = fresh["attempt"], fresh["payload"]
                 queue = broker.names.job(dead.job_id)
                 await broker.declare_job_queue(queue)  # the job may have ended and lost its queue
                 rng = EventRange(
-                    workflow_id=dead.workflow_id,
+                    workflow_id=workflow_id,
                     job_id=dead.job_id,
-                    events=[EventSpec(number=dead.number, payload=dead.payload, attempt=fresh)],
+                    events=[EventSpec(number=dead.number, payload=payload, attempt=attempt)],
                 )
                 await broker.publish(queue, encode(rng))
                 await releaser.announce_ids([dead.job_id])
                 await message.ack()  # only now: the event is safe in its job's queue
                 outcomes.append(Outcome(dead, "replayed"))
                 replayed += 1
-                log.info("event replayed", extra={"job": dead.job_id, "event": dead.number, "attempt": fresh})
+                log.info("event replayed", extra={"job": dead.job_id, "event": dead.number, "attempt": attempt})
     finally:
         for message in held:
             await message.nack(requeue=True)

@@ -19,7 +19,9 @@ from schemas.submission import LabelPlan, SubmissionError
 log = logging.getLogger(__name__)
 
 TERMINAL = ("finished", "failed", "cancelled")
-_RANK = {"queued": 1, "running": 2, "finished": 3, "failed": 3, "retrying": 3}
+_RANK = {"running": 2, "finished": 3, "failed": 3}
+# statuses that bring events back to the control plane, to be issued again (return_events)
+RETURNS = ("returned", "stopped")
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -49,9 +51,44 @@ class JobToPublish:
 
 
 @dataclass(frozen=True)
+class Refused:
+    """An update the bookkeeping would not apply: it names no event, or an attempt that
+    was never issued (a forged or corrupted status)."""
+
+    job_id: int
+    number: int
+    attempt: int
+    known: bool  # the event exists (so the attempt is what is wrong)
+
+    def reason(self) -> str:
+        if not self.known:
+            return f"status for unknown event: job {self.job_id} event {self.number}"
+        return f"status for an attempt never issued: job {self.job_id} event {self.number} attempt {self.attempt}"
+
+
+@dataclass(frozen=True)
+class Due:
+    """An event waiting for the control plane: its next attempt to publish ('retrying',
+    or 'queued' when it came back), or its dead letter to write ('failed')."""
+
+    job_id: int
+    workflow_id: int
+    label: str
+    number: int
+    status: str
+    attempt: int
+    payload: str
+    worker: str | None
+    error: str | None
+    retry_delay: float
+    events_per_range: int
+
+
+@dataclass(frozen=True)
 class Applied:
     moved: set[int]  # jobs whose events moved
-    unknown: set[tuple[int, int]]  # (job, event) of updates that name no event: poison
+    refused: list[Refused]  # updates not applied: their messages go to es.dlq
+    due: list[Due]  # next attempts and dead letters the control plane must publish
 
 
 @dataclass(frozen=True)
@@ -63,13 +100,14 @@ class Finished:
 
 def newest_updates(updates: Iterable[StatusUpdate]) -> list[StatusUpdate]:
     """One update per (event, attempt): the furthest along, keeping the start time of
-    an earlier 'running' (a batch often holds both 'running' and 'finished')."""
+    an earlier 'running' of the same worker (a batch often holds both 'running' and
+    'finished'; another worker's start is not this attempt's)."""
     best: dict[tuple[int, int, int], StatusUpdate] = {}
     for u in updates:
         key = (u.job_id, u.number, u.attempt)
         old = best.get(key)
         if old is None or _RANK[u.status] > _RANK[old.status]:
-            if old is not None and u.started_at is None and old.started_at is not None:
+            if old is not None and u.started_at is None and old.started_at is not None and old.worker == u.worker:
                 u = u.model_copy(update={"started_at": old.started_at})
             best[key] = u
     return list(best.values())
@@ -224,9 +262,12 @@ class Store:
         logs: Sequence[JobLog] = (),
         heartbeats: Sequence[tuple[str, Heartbeat]] = (),
     ) -> Applied:
-        """``apply``, also saying which updates name no event."""
-        updates = newest_updates(updates)
+        """``apply``, also saying which updates were refused and what the control plane
+        must publish now (next attempts, dead letters), in one transaction."""
+        returns = [u for u in updates if u.status in RETURNS]
+        updates = newest_updates(u for u in updates if u.status not in RETURNS) if returns else newest_updates(updates)
         cols = _columns(updates)
+        due: list[Due] = []
         async with self.pool.acquire() as conn, conn.transaction():
             if heartbeats:
                 await conn.executemany(
@@ -238,11 +279,41 @@ class Store:
                 )
             result = await conn.fetchrow(q("apply_updates"), *cols)
             moved = set(result["moved"])
-            unknown: set[tuple[int, int]] = set()
-            # every update recorded (the usual case): none can name an unknown event
-            if result["recorded"] < len(updates):
-                rows = await conn.fetch(q("unknown_events"), cols[0], cols[1])
-                unknown = {(r["job_id"], r["number"]) for r in rows}
+            refused = [
+                Refused(*r)
+                for r in zip(
+                    result["refused_jobs"],
+                    result["refused_numbers"],
+                    result["refused_attempts"],
+                    result["refused_known"],
+                    strict=True,
+                )
+            ]
+            if returns:
+                back = await conn.fetch(
+                    q("return_events"),
+                    [u.job_id for u in returns],
+                    [u.number for u in returns],
+                    [u.attempt for u in returns],
+                    [u.status for u in returns],
+                    [u.worker for u in returns],
+                )
+                moved |= {r["job_id"] for r in back}
+            # failures and returns may leave work for the control plane (the usual batch,
+            # all running and finished, needs no look)
+            pending = [u for u in updates if u.status == "failed"] + returns
+            if pending:
+                rows = await conn.fetch(
+                    q("followups"), [u.job_id for u in pending], [u.number for u in pending]
+                )
+                due = [Due(**dict(r)) for r in rows]
+            if returns:
+                queued = {(r["job_id"], r["number"]) for r in back if r["status"] == "queued"}
+                if queued:
+                    rows = await conn.fetch(
+                        q("due_again"), [k[0] for k in queued], [k[1] for k in queued]
+                    )
+                    due += [Due(**dict(r)) for r in rows]
             if moved:
                 await conn.execute(q("mark_jobs_running"), list(moved))
             if logs:
@@ -251,12 +322,30 @@ class Store:
             if touched:
                 wfs = [r["workflow_id"] for r in await conn.fetch(q("job_workflows"), list(touched))]
                 await conn.execute(q("notify_progress"), wfs)
-        return Applied(moved, unknown)
+        return Applied(moved, refused, due)
+
+    async def issued(self, retries: Sequence[tuple[Due, datetime]]) -> None:
+        """The next attempts of these retrying events are in delay queues, due then."""
+        await self.pool.execute(
+            q("mark_retries_issued"),
+            [d.job_id for d, _ in retries],
+            [d.number for d, _ in retries],
+            [d.attempt for d, _ in retries],
+            [due for _, due in retries],
+        )
+
+    async def dead_lettered(self, dead: Sequence[Due]) -> None:
+        """The dead letters of these failed events are confirmed in es.dlq."""
+        await self.pool.execute(q("mark_dead_lettered"), [d.job_id for d in dead], [d.number for d in dead])
 
     # -- workers and lost work --------------------------------------------------------
 
     async def mark_lost_workers(self, silent_for: float) -> list[str]:
         return [r["id"] for r in await self.pool.fetch(q("mark_lost_workers"), silent_for)]
+
+    async def active_jobs(self) -> list[int]:
+        """Jobs whose queue may hold ranges (the release window: a bounded number)."""
+        return [r["id"] for r in await self.pool.fetch(q("active_jobs"))]
 
     async def unattended_jobs(self) -> list[int]:
         return [r["id"] for r in await self.pool.fetch(q("unattended_jobs"))]
@@ -279,13 +368,14 @@ class Store:
         row: asyncpg.Record | None = await self.pool.fetchrow(q("dead_event"), job_id, number)
         return row
 
-    async def replay_event(self, workflow_id: int, job_id: int, number: int, attempt: int) -> bool:
-        """Give a failed event a fresh attempt; False if it was replayed already."""
+    async def replay_event(self, workflow_id: int, job_id: int, number: int, attempt: int) -> asyncpg.Record | None:
+        """Give an event that failed at ``attempt`` a fresh attempt; returns its new
+        attempt and payload (Postgres's), or None if it was replayed already."""
         async with self.pool.acquire() as conn, conn.transaction():
-            replayed = await conn.fetch(q("replay_event"), job_id, number, attempt)
-            if replayed:
+            replayed: asyncpg.Record | None = await conn.fetchrow(q("replay_event"), job_id, number, attempt)
+            if replayed is not None:
                 await conn.execute(q("reopen_cancelled_descendants"), workflow_id)
-            return bool(replayed)
+            return replayed
 
     # -- finisher ---------------------------------------------------------------------
 

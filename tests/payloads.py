@@ -40,3 +40,13 @@ def deadly(payload: str) -> str:
     if payload.startswith("die:"):
         os.kill(os.getpid(), signal.SIGKILL)
     return f"done {payload}"
+
+
+def bad_text(payload: str) -> str:
+    """Fails with text no database or log takes as is: ``nul`` (a NUL byte) or
+    ``surrogate`` (a lone surrogate, which UTF-8 cannot encode)."""
+    if payload == "nul":
+        raise ValueError("bad\x00byte")
+    if payload == "surrogate":
+        raise ValueError("bad \udcff byte")
+    return "fine"

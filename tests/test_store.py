@@ -78,10 +78,10 @@ async def test_gaps_in_event_numbers_are_split_over_sorted_numbers(store: Store,
     assert [list(r["numbers"]) for r in rows] == [[2, 3, 7], [50, 51], [100, 9999]]
 
 
-async def queued_event(store: Store) -> tuple[int, int]:
-    """Submit the example and pretend its first job was published."""
+async def queued_event(store: Store, *, events: int = 1) -> tuple[int, int]:
+    """Submit the example and pretend its first job (of at least ``events``) was published."""
     await submit(store, EXAMPLES / "rubin-isr.yaml")
-    job_id = await store.pool.fetchval("SELECT min(id) FROM jobs")
+    job_id = await store.pool.fetchval("SELECT min(id) FROM jobs WHERE n_events >= $1", events)
     await store.pool.execute("UPDATE jobs SET status = 'releasing' WHERE id = $1", job_id)
     await store.mark_jobs_queued([job_id])
     number = await store.pool.fetchval("SELECT number FROM events WHERE job_id = $1", job_id)
@@ -99,27 +99,30 @@ async def snapshot(store: Store) -> list[tuple[object, ...]]:
     return [tuple(r) for r in [*events, *attempts, *jobs]]
 
 
+async def state(store: Store, job: int, n: int) -> tuple[str, int]:
+    row = await store.pool.fetchrow("SELECT status, attempt FROM events WHERE job_id=$1 AND number=$2", job, n)
+    return row["status"], row["attempt"]
+
+
 async def test_state_machine_moves_forward_only(store: Store) -> None:
     job, n = await queued_event(store)
-
-    async def state() -> tuple[str, int]:
-        row = await store.pool.fetchrow("SELECT status, attempt FROM events WHERE job_id=$1 AND number=$2", job, n)
-        return row["status"], row["attempt"]
-
-    assert await state() == ("queued", 1)
+    assert await state(store, job, n) == ("queued", 1)
     assert await store.apply([update(job, n, 1, "running", started_at=T0)]) == {job}
-    assert await state() == ("running", 1)
+    assert await state(store, job, n) == ("running", 1)
     assert await store.pool.fetchval("SELECT status FROM jobs WHERE id = $1", job) == "running"
-    await store.apply([update(job, n, 2, "running", started_at=T0)])  # a newer attempt wins
-    assert await state() == ("running", 2)
+    # a failed attempt with attempts left: retrying, and the next attempt is issued
+    await store.apply([update(job, n, 1, "failed", started_at=T0, ended_at=T0, exit_code=1)])
+    assert await state(store, job, n) == ("retrying", 1)
+    await store.apply([update(job, n, 2, "running", started_at=T0)])  # the next attempt wins
+    assert await state(store, job, n) == ("running", 2)
     assert await store.apply([update(job, n, 1, "finished", ended_at=T0)]) == set()  # stale attempt
-    assert await state() == ("running", 2)
+    assert await state(store, job, n) == ("running", 2)
     await store.apply([update(job, n, 2, "finished", started_at=T0, ended_at=T0 + timedelta(seconds=1), exit_code=0)])
-    assert await state() == ("finished", 2)
-    assert await store.apply([update(job, n, 3, "running")]) == set()  # finished never moves
-    assert await state() == ("finished", 2)
+    assert await state(store, job, n) == ("finished", 2)
+    assert await store.apply([update(job, n, 2, "running")]) == set()  # finished never moves
+    assert await state(store, job, n) == ("finished", 2)
     attempts = await store.pool.fetch("SELECT attempt, status FROM attempts ORDER BY attempt")
-    assert [tuple(r) for r in attempts] == [(1, "finished"), (2, "finished"), (3, "running")]
+    assert [tuple(r) for r in attempts] == [(1, "failed"), (2, "finished")]
 
 
 async def test_applying_the_same_batch_twice_changes_nothing(store: Store) -> None:
@@ -142,26 +145,77 @@ async def test_applying_the_same_batch_twice_changes_nothing(store: Store) -> No
 
 async def test_older_attempt_after_newer_changes_nothing(store: Store) -> None:
     job, n = await queued_event(store)
+    await store.apply([update(job, n, 1, "failed", started_at=T0, ended_at=T0, exit_code=1)])
     await store.apply([update(job, n, 2, "finished", started_at=T0, ended_at=T0, exit_code=0)])
     before = await snapshot(store)
     await store.apply([update(job, n, 1, "running", started_at=T0)])
     await store.apply([update(job, n, 1, "failed", started_at=T0, ended_at=T0, exit_code=1)])
-    after = await snapshot(store)
-    # the older attempt is history (it did run), never the event's state (r[:9]: all but recorded_at)
-    assert [r[:9] for r in after if r not in before] == [(job, n, 1, "failed", "w1", T0, T0, 1, None)]
-    assert await store.pool.fetchval("SELECT status FROM events WHERE job_id=$1 AND number=$2", job, n) == "finished"
+    assert await snapshot(store) == before
+    assert await state(store, job, n) == ("finished", 2)
 
 
-async def test_updates_for_unknown_events_are_ignored(store: Store) -> None:
+async def test_statuses_for_unknown_events_or_attempts_never_issued_are_refused(store: Store) -> None:
     job, n = await queued_event(store)
     before = await snapshot(store)
     assert await store.apply([update(job + 999, n, 1, "finished"), update(job, 10**9, 1, "running")]) == set()
     assert await snapshot(store) == before
-    # named, next to a known one that is applied, and a duplicate that is not unknown
-    applied = await store.apply_batch([update(job, n, 1, "running"), update(job + 999, n, 1, "finished")])
-    assert (applied.moved, applied.unknown) == ({job}, {(job + 999, n)})
-    applied = await store.apply_batch([update(job, n, 1, "running")])  # recorded already: 0 rows
-    assert (applied.moved, applied.unknown) == (set(), set())
+    # a forged 'running' at a future attempt would strand the event running: refused
+    applied = await store.apply_batch(
+        [update(job, n, 1, "running"), update(job + 999, n, 1, "finished"), update(job, n, 7, "running")]
+    )
+    assert applied.moved == {job}
+    assert sorted((r.job_id, r.number, r.attempt, r.known) for r in applied.refused) == [
+        (job, n, 7, True),
+        (job + 999, n, 1, False),
+    ]
+    assert "never issued" in next(r for r in applied.refused if r.known).reason()
+    assert await state(store, job, n) == ("running", 1)
+    applied = await store.apply_batch([update(job, n, 1, "running")])  # a duplicate: applied, not refused
+    assert (applied.moved, applied.refused) == (set(), [])
+
+
+async def test_a_failed_attempt_with_attempts_left_is_due_for_a_retry_then_a_dead_letter(store: Store) -> None:
+    job, n = await queued_event(store)
+    await store.pool.execute("UPDATE tasks SET max_attempts = 2")
+    applied = await store.apply_batch([update(job, n, 1, "failed", started_at=T0, ended_at=T0, exit_code=3)])
+    assert [(d.status, d.attempt, d.number) for d in applied.due] == [("retrying", 1, n)]
+    # a status message delivered again (a crash before the retry was published): due again
+    again = await store.apply_batch([update(job, n, 1, "failed", started_at=T0, ended_at=T0, exit_code=3)])
+    assert [(d.status, d.attempt) for d in again.due] == [("retrying", 1)]
+    await store.issued([(d, T0) for d in again.due])
+    assert await state(store, job, n) == ("retrying", 1)  # its next attempt waits in a delay queue
+    assert (await store.apply_batch([update(job, n, 1, "failed", ended_at=T0)])).due == []
+    await store.apply([update(job, n, 2, "running", started_at=T0)])
+    last = await store.apply_batch([update(job, n, 2, "failed", started_at=T0, ended_at=T0, error="x")])
+    assert [(d.status, d.attempt, d.error) for d in last.due] == [("failed", 2, "x")]
+    await store.dead_lettered(last.due)
+    assert (await store.apply_batch([update(job, n, 2, "failed", ended_at=T0)])).due == []
+
+
+async def test_returned_events_are_charged_only_if_postgres_saw_them_running(store: Store) -> None:
+    job, n = await queued_event(store, events=2)
+    n = await store.pool.fetchval("SELECT min(number) FROM events WHERE job_id = $1", job)
+    await store.apply([update(job, n, 1, "running", started_at=T0)])
+    # n ran under w1, n + 1 never started (a broker failover, or w1's prefetch)
+    returned = [
+        StatusUpdate(job_id=job, number=k, attempt=1, status="returned", worker="w2") for k in (n, n + 1)
+    ]
+    applied = await store.apply_batch(returned)
+    assert sorted((d.number, d.status, d.attempt) for d in applied.due) == [(n, "queued", 2), (n + 1, "queued", 1)]
+    assert await state(store, job, n) == ("queued", 2)
+    assert await state(store, job, n + 1) == ("queued", 1)
+    lost = await store.pool.fetchrow("SELECT * FROM attempts WHERE job_id = $1 AND number = $2", job, n)
+    # the history names who lost it, and when it had started
+    assert (lost["status"], lost["worker"], lost["started_at"]) == ("failed", "w1", T0)
+    assert "lost with its worker w1" in lost["error"]
+    # the same message again (a crash before its ack): the same events issued, nothing charged twice
+    again = await store.apply_batch(returned)
+    assert sorted((d.number, d.attempt) for d in again.due) == [(n, 2), (n + 1, 1)]
+    assert await store.pool.fetchval("SELECT count(*) FROM attempts") == 1
+    # a worker that stops an event it runs gives it back at the same attempt
+    await store.apply([update(job, n, 2, "running", started_at=T0)])
+    stopped = StatusUpdate(job_id=job, number=n, attempt=2, status="stopped", worker="w1")
+    assert [(d.status, d.attempt) for d in (await store.apply_batch([stopped])).due] == [("queued", 2)]
 
 
 async def test_deleting_a_workflow_deletes_its_jobs_events_and_attempts(store: Store) -> None:
@@ -201,6 +255,7 @@ async def test_failed_task_cancels_its_descendants(store: Store) -> None:
     [job] = await store.claim_jobs(window=10)
     await store.mark_jobs_queued([job])
     [n] = [r["number"] for r in await store.job_events(job)]
+    await store.pool.execute("UPDATE tasks SET max_attempts = 1")
     await store.apply([update(job, n, 1, "failed", started_at=T0, ended_at=T0, exit_code=1, error="x")])
     done = await store.finish([job])
     assert done.tasks and done.tasks[0][1] == "failed"

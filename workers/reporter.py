@@ -17,10 +17,9 @@ import contextlib
 import logging
 from collections.abc import Iterable
 
-import aiormq
-
 from dispatcher.broker import Broker
-from schemas.messages import Heartbeat, JobLog, StatusBatch, StatusUpdate, encode
+from dispatcher.retry import is_outage
+from schemas.messages import Heartbeat, JobLog, Refused, StatusBatch, StatusUpdate, encode
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +32,8 @@ class StatusReporter:
         self.linger = linger
         self._updates: dict[tuple[int, int, int], StatusUpdate] = {}
         self._logs: list[JobLog] = []
+        self._refused: list[Refused] = []
+        self._invite: set[int] = set()
         self._heartbeat: Heartbeat | None = None
         self._waiters: list[asyncio.Future[None]] = []
         self._has_work = asyncio.Event()
@@ -59,9 +60,18 @@ class StatusReporter:
         self._heartbeat = beat
         self._has_work.set()
 
-    def report(self, updates: Iterable[StatusUpdate] = (), logs: Iterable[JobLog] = ()) -> asyncio.Future[None]:
-        """Queue updates and logs; the future resolves once RabbitMQ has confirmed them."""
+    def invite(self, job_id: int) -> None:
+        """Ask the control plane to announce ``job_id`` again, so that idle workers join."""
+        self._invite.add(job_id)
+        self._has_work.set()
+
+    def report(
+        self, updates: Iterable[StatusUpdate] = (), logs: Iterable[JobLog] = (), refused: Iterable[Refused] = ()
+    ) -> asyncio.Future[None]:
+        """Queue updates, logs and refused messages; the future resolves once RabbitMQ has
+        confirmed them."""
         self._logs.extend(logs)
+        self._refused.extend(refused)
         self._add(updates)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(done)
@@ -75,23 +85,35 @@ class StatusReporter:
         self._urgent.set()
 
     async def run(self) -> None:
-        while True:
-            await self._has_work.wait()
-            if not self._urgent.is_set():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.linger):
-                        await self._urgent.wait()
-            await self.flush()
+        try:
+            while True:
+                await self._has_work.wait()
+                if not self._urgent.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.linger):
+                            await self._urgent.wait()
+                await self.flush()
+        finally:
+            # nobody will confirm them now: whoever waits must not wait for ever (a range
+            # left unacked goes back to its queue with the connection)
+            for w in self._waiters:
+                if not w.done():
+                    w.cancel()
 
     async def flush(self) -> None:
         updates, self._updates = list(self._updates.values()), {}
         logs, self._logs = self._logs, []
+        refused, self._refused = self._refused, []
+        invite, self._invite = sorted(self._invite), set()
         beat, self._heartbeat = self._heartbeat, None
         waiters, self._waiters = self._waiters, []
         self._has_work.clear()
         self._urgent.clear()
-        if updates or logs or beat is not None:
-            await self._publish(encode(StatusBatch(worker=self.worker, updates=updates, logs=logs, heartbeat=beat)))
+        if updates or logs or refused or invite or beat is not None:
+            batch = StatusBatch(
+                worker=self.worker, updates=updates, logs=logs, heartbeat=beat, refused=refused, invite=invite
+            )
+            await self._publish(encode(batch))
         for w in waiters:
             if not w.done():
                 w.set_result(None)
@@ -100,9 +122,11 @@ class StatusReporter:
         delay = 0.2
         while True:
             try:
-                await self.broker.publish(self.broker.names.status, body)
+                await self.broker.publish_status(body)
                 return
-            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError) as exc:
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
                 # never dropped: the robust connection comes back and we send again
                 log.warning("status publish failed; retrying", extra={"error": str(exc), "retry_in": delay})
                 await asyncio.sleep(delay)

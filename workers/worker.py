@@ -12,34 +12,37 @@ found through an announcement on es.jobs, taken only while a slot is free; when 
 takes a job that has more ranges than it takes at once, it passes the announcement on so
 idle workers join.
 
-A failed event is retried alone: its next attempt goes into a delay queue (with the job's
-announcement, so that a worker comes back for it), or, out of attempts, to es.dlq.
+A worker publishes status batches and nothing else (the trust model): a failed attempt
+is reported, and the control plane issues the next one (into a delay queue) or the dead
+letter; a range RabbitMQ delivers again (its holder was lost) is not run but returned to
+the control plane, which charges an attempt only for events Postgres saw running; events
+a worker gives up unfinished (a shutdown) are reported 'stopped' and issued again at the
+same attempt; a message the worker cannot take is reported with its reason, for es.dlq.
+Every event's part of the job log is appended to the job's one log file as it is reported.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
-import fcntl
 import logging
 import os
-import random
 import shutil
 import socket
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from dispatcher.broker import DELIVERIES_HEADER, MAX_REDELIVERIES, Announcements, Broker, Delivery, JobQueue
-from dispatcher.retry import TRANSIENT
+from dispatcher.broker import Announcements, Broker, Delivery, JobQueue
+from dispatcher.retry import is_outage
 from schemas.messages import (
     CancelJobs,
-    DeadLetter,
     EventRange,
     EventSpec,
     EventStatus,
@@ -48,31 +51,25 @@ from schemas.messages import (
     JobLog,
     MessageError,
     PayloadSpec,
+    Refused,
     StatusUpdate,
     decode,
-    encode,
 )
-from workers.payload import CommandRunner, Outcome, Runner, now, runner_for
+from schemas.text import storable
+from workers.joblog import JobLogFile, event_footer, event_header, log_path
+from workers.payload import CommandRunner, Outcome, Runner, now, reap_orphans, runner_for
 from workers.reporter import StatusReporter
 
 log = logging.getLogger(__name__)
-
-MAX_RETRY_DELAY = 512.0  # seconds: the longest delay step
 
 
 def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def _deliveries(message: Delivery) -> int:
-    """How many times the range was lost with a worker (see dispatcher.broker)."""
-    count = message.headers.get(DELIVERIES_HEADER, 0)
-    return count if isinstance(count, int) else 0
-
-
-def retry_delay(base: float, attempt: int) -> float:
-    """Exponential backoff with jitter: base x 2^(attempt-1), +-25 %."""
-    return float(min(base * 2 ** (attempt - 1), MAX_RETRY_DELAY) * random.uniform(0.75, 1.25))
+def refused(body: bytes, source: str, reason: str) -> Refused:
+    """A message this worker cannot take, for the control plane to dead-letter."""
+    return Refused(source=source, reason=reason, body=base64.b64encode(body[:700_000]).decode())
 
 
 @dataclass
@@ -83,8 +80,7 @@ class Job:
     queue: JobQueue
     runner: Runner
     work_dir: Path
-    segment: Path  # this worker's part of the job log
-    log: BinaryIO  # ... open for appending while the job is held
+    log: JobLogFile  # the job's one log, shared with its other workers
     drained: bool = False
     cancelled: bool = False
     in_flight: int = 0
@@ -104,13 +100,13 @@ class Ended:
 
 @dataclass
 class Ran:
-    """What running a range left to do: report its events (updates already made, such as
-    lost attempts, and ended payloads to settle) and give back the rest (unstarted, or
-    stopped by a shutdown), keeping the range's count of lost deliveries."""
+    """What running a range left to do: report its events (updates made already, and
+    ended payloads to log and report) and give back the rest (unstarted, or stopped by a
+    shutdown), as 'stopped'."""
 
-    redeliveries: int
     finals: list[StatusUpdate | Ended] = field(default_factory=list)
     rest: list[EventSpec] = field(default_factory=list)
+    refused: list[Refused] = field(default_factory=list)
 
 
 def _output(job: Job, event: EventSpec) -> str:
@@ -154,6 +150,10 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve jobs until ``stop`` is set; then take no new range, let running events
         finish for ``grace`` seconds, give back what did not run, and return."""
+        # payloads a killed predecessor on this host left running (their leaders die
+        # with their worker; what those started does not)
+        if reaped := reap_orphans():
+            log.warning("killed payloads a lost worker left behind", extra={"processes": reaped})
         self._announcements = await self.broker.announcements()
         await self.broker.listen_control(self._on_control)
         reporter = asyncio.create_task(self.reporter.run(), name="reporter")
@@ -233,7 +233,10 @@ class Worker:
         while not self._stopping:
             try:
                 got = await self._next_range()
-            except TRANSIENT as exc:  # the broker is away: the robust connection comes back
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                # the broker is away: the robust connection comes back
                 log.warning("slot waiting for the broker", extra={"error": repr(exc), "retry_in": pause})
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
@@ -245,7 +248,9 @@ class Worker:
             ran: Ran | None = None
             try:
                 ran = await self._run_range(job, message)
-            except TRANSIENT as exc:
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
                 self._abandoned(job, exc)
             finally:
                 if ran is None:
@@ -265,7 +270,9 @@ class Worker:
     async def _conclude(self, job: Job, message: Delivery, ran: Ran) -> None:
         try:
             await self._report_and_ack(job, message, ran)
-        except TRANSIENT as exc:
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
             self._abandoned(job, exc)
         finally:
             self._release(job)
@@ -323,8 +330,11 @@ class Worker:
     async def _take_announcement(self) -> None:
         assert self._announcements is not None
         message = await self._announcements.next()
-        spec = await self.broker.decode_or_dead_letter(message, JobAnnouncement, source=self.names.jobs)
-        if spec is None:
+        try:
+            spec = decode(message.body, JobAnnouncement)
+        except MessageError as exc:  # never run: reported with its reason, for es.dlq
+            await self._refuse(message.body, self.names.jobs, str(exc))
+            await message.ack()
             return
         job = self.jobs.get(spec.job_id)
         if job is not None:
@@ -336,15 +346,23 @@ class Worker:
             try:
                 await self._setup(spec)
             except Exception as exc:
+                if is_outage(exc):
+                    raise  # the announcement is not acked: it comes back
                 # cannot run this job here (e.g. its payload function does not import)
                 log.error("job set-up failed", extra={"job": spec.job_id, "error": repr(exc)})
-                await self.broker.dead_letter(message.body, f"set-up failed: {exc!r}", source=self.names.jobs)
+                await self._refuse(message.body, self.names.jobs, f"set-up failed: {exc!r}")
         await message.ack()
+
+    def _refuse(self, body: bytes, source: str, reason: str) -> Awaitable[None]:
+        """Report a message this worker will not take; resolves once that is confirmed."""
+        log.warning("refused a message", extra={"source": source, "reason": storable(reason, 300)})
+        return self.reporter.report(refused=[refused(body, source, reason)])
 
     # -- a job's life -----------------------------------------------------------------
 
     async def _setup(self, spec: JobAnnouncement) -> None:
-        queue = await self.broker.open_job(spec.queue, prefetch=self.prefetch, consume=False)
+        # the queue is named by the job's id, never by the message
+        queue = await self.broker.open_job(self.names.job(spec.job_id), prefetch=self.prefetch, consume=False)
         if queue.backlog is None:
             # an announcement of a job that ended (its queue is deleted), passed on or
             # sent again: setting it up would cost its set-up command for nothing. (With
@@ -353,13 +371,12 @@ class Worker:
             await queue.close()
             log.debug("announced job has ended: not set up", extra={"job": spec.job_id})
             return
-        job_log: BinaryIO | None = None
+        job_log: JobLogFile | None = None
         try:
             runner = runner_for(spec.payload)
             work_dir = self.work_dir / f"job-{spec.job_id}-{self.id.replace(':', '-')}"
             work_dir.mkdir(parents=True, exist_ok=True)
-            segment = work_dir / "job.log"
-            job_log = segment.open("ab")
+            job_log = JobLogFile(log_path(self.log_dir, spec.workflow_id, spec.job_id))
             if spec.payload.setup:
                 await self._job_command(spec.payload.setup, "set-up", work_dir, job_log, fail=True)
             await queue.consume()  # only now: no range waits in our buffer during the set-up
@@ -368,24 +385,20 @@ class Worker:
                 job_log.close()
             await queue.close()
             raise
-        job = self.jobs[spec.job_id] = Job(spec, queue, runner, work_dir, segment, job_log)
+        job = self.jobs[spec.job_id] = Job(spec, queue, runner, work_dir, job_log)
         self.reporter.heartbeat(self._heartbeat())
+        # where the log is, for the monitor (known from set-up on: a worker may die later)
+        self.reporter.report(logs=[JobLog(job_id=spec.job_id, path=str(job_log.path.resolve()))])
         self._invite(job)
         log.info("job set up", extra={"job": spec.job_id, "label": spec.label, "worker": self.id})
 
     def _invite(self, job: Job) -> None:
-        """More ranges ready than we take at once: pass the announcement on, once, so
-        that an idle worker joins. In the background: the slots need not wait for its
-        confirm, and an invitation lost with the broker only means nobody joins."""
+        """More ranges ready than we take at once: ask the control plane, once, to
+        announce the job again so that an idle worker joins (with the next batch: an
+        invitation lost with the broker only means nobody joins)."""
         if not job.invited and (job.queue.backlog or 0) > self.prefetch:
             job.invited = True
-            self._in_background(self._pass_on(job.spec))
-
-    async def _pass_on(self, spec: JobAnnouncement) -> None:
-        try:
-            await self.broker.publish(self.names.jobs, encode(spec))
-        except TRANSIENT as exc:
-            log.warning("job not passed on: broker unavailable", extra={"job": spec.job_id, "error": repr(exc)})
+            self.reporter.invite(job.spec.job_id)
 
     async def _teardown(self, job: Job) -> None:
         if self.jobs.get(job.spec.job_id) is not job:
@@ -395,70 +408,45 @@ class Worker:
         if job.spec.payload.teardown:
             await self._job_command(job.spec.payload.teardown, "tear-down", job.work_dir, job.log, fail=False)
         job.log.close()
-        logs = []
-        if job.segment.exists():
-            logs.append(JobLog(job_id=job.spec.job_id, path=str(self._append_log(job).resolve())))
         shutil.rmtree(job.work_dir, ignore_errors=True)
         self.reporter.heartbeat(self._heartbeat("stopping" if self._stopping else "live"))
-        if logs:
-            self.reporter.report(logs=logs)  # sent with the next batch: the next job need not wait
         log.info("job torn down", extra={"job": job.spec.job_id, "events": job.events_done, "worker": self.id})
 
-    async def _job_command(self, command: str, what: str, work_dir: Path, job_log: BinaryIO, *, fail: bool) -> None:
+    async def _job_command(self, command: str, what: str, work_dir: Path, job_log: JobLogFile, *, fail: bool) -> None:
         """A job's set-up or tear-down command, its output in the job's log."""
         output = work_dir / f"{what}.out"
         outcome = await CommandRunner(PayloadSpec(command=command)).run("", output, work_dir)
-        # when and where it ran: set-ups and uploads are what EventService amortizes
-        job_log.write(f"=== job {what}: {command} worker {self.id} at {outcome.started_at.isoformat()}\n".encode())
-        if output.exists():
-            job_log.write(output.read_bytes())
-            output.unlink()
         took = (outcome.ended_at - outcome.started_at).total_seconds()
-        job_log.write(
+        # when and where it ran: set-ups and uploads are what EventService amortizes
+        job_log.append(
+            f"=== job {what}: {storable(command, 500)} worker {self.id} at {outcome.started_at.isoformat()}\n",
+            output,
             f"=== job {what} {outcome.status} exit_code={outcome.exit_code} at {outcome.ended_at.isoformat()} "
-            f"duration={took:.3f}s\n".encode()
+            f"duration={took:.3f}s\n",
         )
-        job_log.flush()
         if fail and outcome.status != "finished":
-            raise RuntimeError(f"job {what} failed: {outcome.error}")
-
-    def _append_log(self, job: Job) -> Path:
-        """One log file per job: every worker of the job appends its part, whole, under a lock."""
-        path = self.log_dir / f"workflow-{job.spec.workflow_id}" / f"job-{job.spec.job_id}.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("ab") as out, job.segment.open("rb") as part:
-            fcntl.flock(out, fcntl.LOCK_EX)
-            shutil.copyfileobj(part, out)
-        return path
+            raise SetupFailed(f"job {what} failed: {outcome.error}")
 
     # -- running a range --------------------------------------------------------------
 
     async def _run_range(self, job: Job, message: Delivery) -> Ran | None:
-        """Run a range's events; returns what ran, to be settled and reported before the
+        """Run a range's events; returns what ran, to be logged and reported before the
         range is acked (None: nothing left to do, the range is acked already)."""
-        if message.redelivered:
-            # its worker died (or RabbitMQ restarted) before acking it: count that in the
-            # range itself, so that a range that keeps killing workers is recognised
-            deliveries = _deliveries(message) + 1
-            await self.broker.publish(job.spec.queue, message.body, headers={DELIVERIES_HEADER: deliveries})
-            await job.queue.ack(message)
-            log.warning(
-                "range delivered again after its worker was lost: counted as a new attempt",
-                extra={"job": job.spec.job_id, "deliveries": deliveries},
-            )
-            return None
-        rng = await self.broker.decode_or_dead_letter(message, EventRange, source=job.spec.queue, ack=job.queue.ack)
-        if rng is None:
-            return None
+        queue = job.queue.name
+        try:
+            rng = decode(message.body, EventRange)
+        except MessageError as exc:
+            return Ran(refused=[refused(message.body, queue, str(exc))])
         if rng.job_id != job.spec.job_id:
-            await self.broker.dead_letter(
-                message.body, f"range of job {rng.job_id} in the queue of job {job.spec.job_id}", source=job.spec.queue
-            )
-            await job.queue.ack(message)
-            return None
-        # a range redelivered after a worker died counts as a new attempt of its events
-        redeliveries = _deliveries(message)
-        ran = Ran(redeliveries)
+            reason = f"range of job {rng.job_id} in the queue of job {job.spec.job_id}"
+            return Ran(refused=[refused(message.body, queue, reason)])
+        if message.redelivered:
+            # its holder was lost (or RabbitMQ restarted) before acking it: not run here.
+            # The control plane charges an attempt for the events Postgres saw running
+            # (and only those) and issues them again
+            log.warning("range delivered again: returned to the control plane", extra={"job": job.spec.job_id})
+            return Ran(finals=[self._status(job, e.number, e.attempt, "returned") for e in rng.events])
+        ran = Ran()
         finals = ran.finals
         try:
             for i, event in enumerate(rng.events):
@@ -467,26 +455,12 @@ class Worker:
                 if self._stopping:
                     ran.rest = list(rng.events[i:])
                     break
-                attempt = event.attempt + redeliveries
-                if attempt > event.attempt:
-                    # the attempts lost with their workers, recorded as failed and retried (the
-                    # range may never have started there: without them attempts would have a gap)
-                    finals.extend(self._lost_attempts(job, event, attempt))
-                if redeliveries >= MAX_REDELIVERIES:
-                    finals.append(
-                        await self._give_up(
-                            job,
-                            event,
-                            attempt,
-                            now(),
-                            None,
-                            f"the range was delivered {redeliveries + 1} times: it keeps killing workers",
-                        )
-                    )
-                    continue
-                outcome = await self._run_event(job, event, attempt)
+                if rng.confirm_start:  # came back once: its start must be on record first
+                    running = self._status(job, event.number, event.attempt, "running", started_at=now())
+                    await self.reporter.report([running])
+                outcome = await self._run_event(job, event, event.attempt, confirmed=rng.confirm_start)
                 if outcome is not None:
-                    finals.append(Ended(event, attempt, outcome))
+                    finals.append(Ended(event, event.attempt, outcome))
         except asyncio.CancelledError:
             # the grace period ran out mid-event: give the unfinished events back with their
             # attempt unchanged (a shutdown is not a failure of the payload)
@@ -497,20 +471,36 @@ class Worker:
         return ran
 
     async def _report_and_ack(self, job: Job, message: Delivery, ran: Ran) -> None:
-        """Log and settle the events that ran, give back the rest, send the statuses, and
-        ack the range once they are safe in es.status."""
+        """Log the events that ran, give back the rest, send the statuses, and ack the
+        range once they are safe in es.status."""
         finals: list[StatusUpdate] = []
         for f in ran.finals:
             if isinstance(f, Ended):
                 self._log_event(job, f.event, f.attempt, f.outcome)
-                f = await self._settle(job, f.event, f.attempt, f.outcome)
+                f = self._update(job, f.event, f.attempt, f.outcome)
             finals.append(f)
-        await self._finish_range(job, finals, ran.rest, ran.redeliveries)
+        if not job.cancelled:  # a cancelled job's events are cancelled already
+            finals += [self._status(job, e.number, e.attempt, "stopped") for e in ran.rest]
+        events = len({u.number for u in finals if u.status in ("finished", "failed")})
+        job.events_done += events
+        self.events_done += events
+        if finals or ran.refused:
+            for r in ran.refused:
+                log.warning("refused a range", extra={"job": job.spec.job_id, "reason": r.reason})
+            await self.reporter.report(finals, refused=ran.refused)
         with contextlib.suppress(Exception):  # a job deleted meanwhile: nothing left to ack
             await job.queue.ack(message)
 
-    async def _run_event(self, job: Job, event: EventSpec, attempt: int) -> Outcome | None:
-        """Run one payload; None if its job was cancelled meanwhile."""
+    def _status(
+        self, job: Job, number: int, attempt: int, status: EventStatus, started_at: datetime | None = None
+    ) -> StatusUpdate:
+        return StatusUpdate(
+            job_id=job.spec.job_id, number=number, attempt=attempt, status=status, worker=self.id, started_at=started_at
+        )
+
+    async def _run_event(self, job: Job, event: EventSpec, attempt: int, *, confirmed: bool = False) -> Outcome | None:
+        """Run one payload; None if its job was cancelled meanwhile. ``confirmed``: its
+        'running' is on record already."""
         output = _output(job, event)
         if job.runner.inline:
             # a plain function blocks the loop while it runs: it cannot be interrupted, so
@@ -519,7 +509,8 @@ class Worker:
             return await job.runner.run(event.payload, output, job.work_dir)
         # reported once the payload is under way (at the slot's next suspension): making
         # and queueing the update need not delay its start
-        asyncio.get_running_loop().call_soon(self._report_running, job, event, attempt, now())
+        if not confirmed:
+            asyncio.get_running_loop().call_soon(self._report_running, job, event, attempt, now())
         # the payload runs in the slot's own task (a task of its own cost two loop turns
         # per event); `dispatcher cancel` cancels the slot while it is in the payload
         slot = asyncio.current_task()
@@ -551,51 +542,13 @@ class Worker:
             )
         )
 
-    async def _settle(self, job: Job, event: EventSpec, attempt: int, outcome: Outcome) -> StatusUpdate:
-        """A finished event, a retry scheduled, or a dead letter: never silence."""
-        if outcome.status == "failed":
-            if attempt < job.spec.max_attempts:
-                delay = retry_delay(job.spec.retry_delay, attempt)
-                retry = EventRange(
-                    workflow_id=job.spec.workflow_id,
-                    job_id=job.spec.job_id,
-                    events=[EventSpec(number=event.number, payload=event.payload, attempt=attempt + 1)],
-                )
-                await self.broker.publish_delayed(job.spec.queue, encode(retry), delay)
-                # the announcement lands right behind the retry: a worker comes back for it
-                await self.broker.publish_delayed(self.names.jobs, encode(job.spec), delay)
-                log.info(
-                    "event retry scheduled",
-                    extra={"job": job.spec.job_id, "event": event.number, "attempt": attempt, "delay": round(delay, 2)},
-                )
-                return self._update(job, event, attempt, outcome, "retrying")
-            return await self._give_up(
-                job, event, attempt, outcome.started_at, outcome.exit_code, outcome.error, ended_at=outcome.ended_at
-            )
-        return self._update(job, event, attempt, outcome, "finished")
-
-    def _lost_attempts(self, job: Job, event: EventSpec, attempt: int) -> list[StatusUpdate]:
-        """The attempts before ``attempt`` that the range's redeliveries charged. 'retrying'
-        never moves an event already further along, nor an attempt that did end."""
-        return [
-            StatusUpdate(
-                job_id=job.spec.job_id,
-                number=event.number,
-                attempt=lost,
-                status="retrying",
-                worker=self.id,
-                ended_at=now(),
-                error="lost with its worker (the range was delivered again)",
-            )
-            for lost in range(event.attempt, attempt)
-        ]
-
-    def _update(self, job: Job, event: EventSpec, attempt: int, outcome: Outcome, status: EventStatus) -> StatusUpdate:
+    def _update(self, job: Job, event: EventSpec, attempt: int, outcome: Outcome) -> StatusUpdate:
+        """An attempt that ran: finished, or failed (the control plane decides what next)."""
         return StatusUpdate(
             job_id=job.spec.job_id,
             number=event.number,
             attempt=attempt,
-            status=status,
+            status=outcome.status,
             worker=self.id,
             started_at=outcome.started_at,
             ended_at=outcome.ended_at,
@@ -603,79 +556,21 @@ class Worker:
             error=outcome.error,
         )
 
-    async def _give_up(
-        self,
-        job: Job,
-        event: EventSpec,
-        attempt: int,
-        started: datetime,
-        exit_code: int | None,
-        error: str | None,
-        ended_at: datetime | None = None,
-    ) -> StatusUpdate:
-        dead = DeadLetter(
-            workflow_id=job.spec.workflow_id,
-            job_id=job.spec.job_id,
-            label=job.spec.label,
-            number=event.number,
-            payload=event.payload,
-            attempts=attempt,
-            error=error,
-            worker=self.id,
-            at=now(),
-        )
-        await self.broker.publish(self.names.dlq, encode(dead), headers={"x-reason": (error or "failed")[:1000]})
-        log.warning(
-            "event out of attempts: dead-lettered",
-            extra={"job": job.spec.job_id, "event": event.number, "attempts": attempt},
-        )
-        return StatusUpdate(
-            job_id=job.spec.job_id,
-            number=event.number,
-            attempt=attempt,
-            status="failed",
-            worker=self.id,
-            started_at=started,
-            ended_at=ended_at or now(),
-            exit_code=exit_code,
-            error=error,
-        )
-
-    async def _finish_range(
-        self, job: Job, finals: list[StatusUpdate], rest: list[EventSpec], redeliveries: int
-    ) -> None:
-        """Give back what did not run (keeping the range's count of lost deliveries) and
-        send the statuses; returns once they are safe in es.status (confirmed)."""
-        if rest and not job.cancelled:
-            back = EventRange(workflow_id=job.spec.workflow_id, job_id=job.spec.job_id, events=rest)
-            headers = {DELIVERIES_HEADER: redeliveries} if redeliveries else None
-            with contextlib.suppress(Exception):  # the job's queue is gone: nothing to give back to
-                await self.broker.publish(job.spec.queue, encode(back), headers=headers)
-                await self.broker.publish(self.names.jobs, encode(job.spec))
-        events = len({u.number for u in finals})  # a given-up event may carry its lost attempts
-        job.events_done += events
-        self.events_done += events
-        if finals:
-            await self.reporter.report(finals)
-
     def _log_event(self, job: Job, event: EventSpec, attempt: int, outcome: Outcome | None) -> None:
-        """The event's part of the job log: a header, its output, a footer (None: cancelled)."""
+        """The event's part of the job log, appended whole: a header, its output, a footer
+        (None: cancelled). Written before its status is sent: a reported event is logged."""
         if outcome is None:
             status, exit_code, error, took = "cancelled", None, None, 0.0
         else:
             status, exit_code, error = outcome.status, outcome.exit_code, outcome.error
             took = (outcome.ended_at - outcome.started_at).total_seconds()
-        header = f"=== event {event.number} attempt {attempt} payload {event.payload!r} worker {self.id}\n"
-        footer = f"=== event {event.number} {status} exit_code={exit_code} duration={took:.3f}s" + (
-            f" error={error.splitlines()[0][:200]!r}\n" if error else "\n"
+        output = Path(_output(job, event)) if outcome is None or outcome.output else None
+        job.log.append(
+            event_header(event.number, attempt, event.payload, self.id),
+            output,
+            event_footer(event.number, status, exit_code, took, error),
         )
-        # written whole, with no await in between: slots never interleave in the log
-        if outcome is not None and not outcome.output:
-            job.log.write(f"{header}{footer}".encode())  # nothing in between: one write
-            return
-        job.log.write(header.encode())
-        output = _output(job, event)
-        with contextlib.suppress(FileNotFoundError), open(output, "rb") as out:
-            shutil.copyfileobj(out, job.log)
-            os.unlink(output)
-        job.log.write(footer.encode())
+
+
+class SetupFailed(Exception):
+    """A job's set-up command failed: the job cannot run on this worker."""

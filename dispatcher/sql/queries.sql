@@ -126,33 +126,46 @@ WHERE job_id IN (SELECT id FROM j) AND status = 'ready';
 -- A batch of status updates in one statement (its columns are sent and decoded once),
 -- in two parts on the same snapshot: the events, and their attempts.
 --
+-- Refused (recorded nowhere; the caller dead-letters their messages): an update that
+-- names no event, or an attempt never issued. The attempt issued last is events.attempt:
+-- the releaser issues the first (a 'ready' event's 0 counts as 1: its range may be out
+-- before the event is marked queued), the control plane every next one; while an event
+-- is 'retrying' its next attempt is issued too (its range waits in a delay queue).
+--
 -- The event state machine. An update applies only if it is newer: a later attempt, or
 -- the same attempt further along (queued < running < finished/failed). Terminal events
--- never move, so duplicates and stale attempts change nothing.
+-- never move, so duplicates and stale attempts change nothing. A failed attempt with
+-- attempts left makes the event 'retrying' (the control plane then issues the next);
+-- the last one makes it 'failed'.
 --
--- Every attempt is recorded. One that failed and is retried was, as an attempt,
--- 'failed'. So was one lost with its worker: the worker that gets the range back reports
--- it 'retrying', without a start. An update for no known event records nothing: fewer
--- rows recorded than updates sent tell the caller to look for such updates.
+-- Every attempt is recorded, with the worker that ran it.
 WITH u AS (
     SELECT *
     FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::text[],
                 $6::timestamptz[], $7::timestamptz[], $8::int[], $9::text[])
          AS u(job_id, number, attempt, status, worker, started_at, ended_at, exit_code, error)
+), k AS (
+    SELECT u.*, t.max_attempts, e.job_id IS NOT NULL AS known,
+           e.job_id IS NOT NULL AND u.attempt <= greatest(e.attempt, 1) + (e.status = 'retrying')::int AS issued
+    FROM u
+    LEFT JOIN events e ON e.job_id = u.job_id AND e.number = u.number
+    LEFT JOIN tasks t ON t.id = e.task_id
 ), moved AS (
     UPDATE events e SET
-        status = n.status,
+        status = CASE WHEN n.status = 'failed' AND n.attempt < n.max_attempts THEN 'retrying' ELSE n.status END,
         attempt = n.attempt,
         worker = n.worker,
         started_at = coalesce(n.started_at, CASE WHEN n.attempt = e.attempt THEN e.started_at END),
         ended_at = n.ended_at,
         exit_code = n.exit_code,
-        error = n.error
+        error = n.error,
+        retry_at = NULL
     FROM (
         -- one row per event, its newest update: an UPDATE joined to several rows of one
         -- event would apply an arbitrary one (a batch may hold several attempts of it)
         SELECT DISTINCT ON (job_id, number) *
-        FROM u
+        FROM k
+        WHERE issued
         ORDER BY job_id, number, attempt DESC, es_status_rank(status) DESC
     ) AS n
     WHERE e.job_id = n.job_id AND e.number = n.number
@@ -161,14 +174,12 @@ WITH u AS (
     RETURNING e.job_id
 ), recorded AS (
     INSERT INTO attempts AS a (job_id, number, attempt, status, worker, started_at, ended_at, exit_code, error)
-    SELECT u.job_id, u.number, u.attempt, CASE u.status WHEN 'retrying' THEN 'failed' ELSE u.status END,
-           u.worker, u.started_at, u.ended_at, u.exit_code, u.error
-    FROM u
-    WHERE EXISTS (SELECT 1 FROM events e WHERE e.job_id = u.job_id AND e.number = u.number)
+    SELECT k.job_id, k.number, k.attempt, k.status, k.worker, k.started_at, k.ended_at, k.exit_code, k.error
+    FROM k
+    WHERE k.issued
     ON CONFLICT (job_id, number, attempt) DO UPDATE SET
         status = excluded.status,
-        -- an update without a start is an attempt found lost by another worker: it ran on the first
-        worker = CASE WHEN excluded.started_at IS NULL THEN a.worker ELSE excluded.worker END,
+        worker = excluded.worker,
         started_at = coalesce(excluded.started_at, a.started_at),
         ended_at = excluded.ended_at,
         exit_code = excluded.exit_code,
@@ -178,7 +189,93 @@ WITH u AS (
     RETURNING 1
 )
 SELECT coalesce((SELECT array_agg(DISTINCT job_id) FROM moved), '{}') AS moved,
-       (SELECT count(*) FROM recorded) AS recorded;
+       (SELECT count(*) FROM recorded) AS recorded,
+       coalesce((SELECT array_agg(job_id) FROM k WHERE NOT issued), '{}') AS refused_jobs,
+       coalesce((SELECT array_agg(number) FROM k WHERE NOT issued), '{}') AS refused_numbers,
+       coalesce((SELECT array_agg(attempt) FROM k WHERE NOT issued), '{}') AS refused_attempts,
+       coalesce((SELECT array_agg(known) FROM k WHERE NOT issued), '{}') AS refused_known;
+
+-- name: return_events
+-- Events that came back to the control plane: 'returned' (their range was delivered
+-- again after its holder was lost; the reporter did not run them) and 'stopped' (given
+-- back unfinished by the worker that held them: a shutdown, a job closed).
+-- Attempts are charged from what Postgres saw, never from a broker's redelivered flag:
+-- an event returned while Postgres saw it running lost that attempt with its worker,
+-- which is recorded as a failed attempt of that worker, with its start, and the next
+-- attempt is issued (or, out of attempts, the event fails). An event still queued at
+-- that attempt never started (a broker failover, a worker's prefetch): nothing is
+-- charged. A stopped event goes back at its attempt. One queued at the next attempt
+-- was charged already (this is a message delivered again). The rows returned as
+-- 'queued' are issued again by the caller; 'failed' ones get their dead letter.
+WITH r AS (
+    SELECT DISTINCT ON (job_id, number) *
+    FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::text[])
+         AS r(job_id, number, attempt, how, worker)
+    ORDER BY job_id, number, attempt DESC
+), k AS (
+    SELECT e.job_id, e.number, e.attempt, e.worker AS holder, e.started_at, t.max_attempts,
+           CASE WHEN e.status = 'running' AND r.attempt = e.attempt
+                     AND NOT (r.how = 'stopped' AND r.worker = e.worker) THEN 'lost'
+                WHEN e.status IN ('queued', 'running') AND r.attempt = e.attempt THEN 'again'
+                -- charged by this same return before (its message is delivered again): not
+                -- when the attempt failed by itself, whose retry is in a delay queue already
+                WHEN e.status = 'queued' AND r.attempt = e.attempt - 1
+                     AND EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = e.job_id AND a.number = e.number
+                                 AND a.attempt = r.attempt AND a.error LIKE 'lost with its worker %') THEN 'again'
+           END AS action
+    FROM r
+    JOIN events e ON e.job_id = r.job_id AND e.number = r.number
+    JOIN tasks t ON t.id = e.task_id
+), lost AS (
+    INSERT INTO attempts AS a (job_id, number, attempt, status, worker, started_at, ended_at, error)
+    SELECT job_id, number, attempt, 'failed', coalesce(holder, 'unknown'), started_at, clock_timestamp(),
+           'lost with its worker ' || coalesce(holder, 'unknown')
+    FROM k WHERE action = 'lost'
+    ON CONFLICT (job_id, number, attempt) DO UPDATE SET
+        status = 'failed', ended_at = excluded.ended_at, error = excluded.error, recorded_at = clock_timestamp()
+    WHERE a.status = 'running'
+)
+UPDATE events e SET
+    status = CASE WHEN k.action = 'lost' AND k.attempt >= k.max_attempts THEN 'failed' ELSE 'queued' END,
+    attempt = CASE WHEN k.action = 'lost' AND k.attempt < k.max_attempts THEN k.attempt + 1 ELSE e.attempt END,
+    ended_at = CASE WHEN k.action = 'lost' THEN clock_timestamp() ELSE e.ended_at END,
+    error = CASE WHEN k.action = 'lost' THEN 'lost with its worker ' || coalesce(k.holder, 'unknown') ELSE e.error END
+FROM k
+WHERE e.job_id = k.job_id AND e.number = k.number AND k.action IS NOT NULL
+RETURNING e.job_id, e.number, e.status, e.attempt, e.payload;
+
+-- name: followups
+-- Events of these keys that wait for the control plane: a next attempt to issue
+-- ('retrying'), or a dead letter to write ('failed', none confirmed yet). A status
+-- message delivered again after a crash finds them here again.
+SELECT e.job_id, e.number, e.status, e.attempt, e.payload, e.worker, e.error, j.workflow_id, t.label,
+       t.retry_delay, t.events_per_range
+FROM unnest($1::bigint[], $2::bigint[]) AS k(job_id, number)
+JOIN events e ON e.job_id = k.job_id AND e.number = k.number
+JOIN jobs j ON j.id = e.job_id
+JOIN tasks t ON t.id = e.task_id
+WHERE (e.status = 'retrying' AND e.retry_at IS NULL) OR (e.status = 'failed' AND e.dead_at IS NULL);
+
+-- name: due_again
+-- Events that came back and are queued again: to be republished at once.
+SELECT e.job_id, e.number, e.status, e.attempt, e.payload, e.worker, e.error, j.workflow_id, t.label,
+       t.retry_delay, t.events_per_range
+FROM unnest($1::bigint[], $2::bigint[]) AS k(job_id, number)
+JOIN events e ON e.job_id = k.job_id AND e.number = k.number
+JOIN jobs j ON j.id = e.job_id
+JOIN tasks t ON t.id = e.task_id
+WHERE e.status = 'queued';
+
+-- name: mark_retries_issued
+-- Their next attempt is in a delay queue, due at the given times.
+UPDATE events e SET retry_at = k.due
+FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::timestamptz[]) AS k(job_id, number, attempt, due)
+WHERE e.job_id = k.job_id AND e.number = k.number AND e.status = 'retrying' AND e.attempt = k.attempt;
+
+-- name: mark_dead_lettered
+UPDATE events e SET dead_at = now()
+FROM unnest($1::bigint[], $2::bigint[]) AS k(job_id, number)
+WHERE e.job_id = k.job_id AND e.number = k.number AND e.status = 'failed' AND e.dead_at IS NULL;
 
 -- name: mark_jobs_running
 WITH j AS (
@@ -206,7 +303,7 @@ UPDATE jobs j SET
     status = CASE WHEN EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id AND e.status = 'failed')
                   THEN 'failed' ELSE 'finished' END,
     finished_at = now()
-WHERE j.id = ANY($1::bigint[]) AND j.status IN ('queued', 'running')
+WHERE j.id = ANY($1::bigint[]) AND j.status IN ('releasing', 'queued', 'running')
   AND NOT EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id
                   AND e.status NOT IN ('finished', 'failed', 'cancelled'))
 RETURNING j.id, j.task_id, j.status;
@@ -232,8 +329,9 @@ WHERE w.id = ANY($1::bigint[]) AND w.status = 'running'
 RETURNING w.id, w.status;
 
 -- name: unfinished_jobs
--- Start-up sweep: queued or running jobs whose events may all be terminal already.
-SELECT id FROM jobs WHERE status IN ('queued', 'running');
+-- Start-up sweep: jobs with a queue whose events may all be terminal already (a
+-- 'releasing' one too: its control plane may have died after publishing it whole).
+SELECT id FROM jobs WHERE status IN ('releasing', 'queued', 'running');
 
 -- name: running_workflows
 SELECT id FROM workflows WHERE status = 'running';
@@ -257,11 +355,6 @@ GROUP BY task_id, status;
 -- name: job_counts
 SELECT task_id, status, count(*) AS n FROM jobs WHERE workflow_id = $1 GROUP BY task_id, status;
 
--- name: unknown_events
--- Updates that name no event: poison (a job that does not exist here).
-SELECT u.job_id, u.number FROM unnest($1::bigint[], $2::bigint[]) AS u(job_id, number)
-WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.job_id = u.job_id AND e.number = u.number);
-
 -- name: upsert_worker
 INSERT INTO workers AS w (id, host, pid, slots, status, jobs, events_done, started_at, last_seen)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
@@ -273,6 +366,9 @@ WHERE w.status <> 'stopped';
 UPDATE workers SET status = 'lost', jobs = '{}'
 WHERE status IN ('live', 'stopping') AND last_seen < now() - make_interval(secs => $1)
 RETURNING id;
+
+-- name: active_jobs
+SELECT id FROM jobs WHERE status IN ('releasing', 'queued', 'running') ORDER BY id;
 
 -- name: unattended_jobs
 -- Jobs with work that no live worker says it serves (its worker died, or left before a
@@ -302,18 +398,19 @@ SELECT id FROM jobs
 WHERE workflow_id IN (SELECT id FROM w) AND status IN ('releasing', 'queued', 'running');
 
 -- name: dead_event
-SELECT e.status, e.attempt, w.status AS workflow_status
+SELECT e.status, e.attempt, e.payload, j.workflow_id, w.status AS workflow_status
 FROM events e JOIN jobs j ON j.id = e.job_id JOIN workflows w ON w.id = j.workflow_id
 WHERE e.job_id = $1 AND e.number = $2;
 
 -- name: replay_event
--- The event gets a fresh attempt; its job, task and workflow run again, and the tasks
--- cancelled because this one failed wait again for it.
+-- The event gets a fresh attempt, counted from Postgres ($3: the attempt it failed at);
+-- its job, task and workflow run again, and the tasks cancelled because this one failed
+-- wait again for it. Returns what to publish: the payload is Postgres's, never a dead letter's.
 WITH e AS (
-    UPDATE events SET status = 'queued', attempt = $3, replays = replays + 1, error = NULL,
-                      exit_code = NULL, ended_at = NULL
-    WHERE job_id = $1 AND number = $2 AND status = 'failed' AND attempt < $3
-    RETURNING job_id
+    UPDATE events SET status = 'queued', attempt = attempt + 1, replays = replays + 1, error = NULL,
+                      exit_code = NULL, ended_at = NULL, dead_at = NULL
+    WHERE job_id = $1 AND number = $2 AND status = 'failed' AND attempt = $3
+    RETURNING job_id, attempt, payload
 ), j AS (
     UPDATE jobs SET status = 'queued', finished_at = NULL
     WHERE id IN (SELECT job_id FROM e) RETURNING task_id, workflow_id
@@ -324,7 +421,7 @@ WITH e AS (
     UPDATE workflows SET status = 'running', finished_at = NULL
     WHERE id IN (SELECT workflow_id FROM j) RETURNING id
 )
-SELECT job_id FROM e;
+SELECT job_id, attempt, payload FROM e;
 
 -- name: reopen_cancelled_descendants
 -- After a replay: tasks cancelled only because a parent failed wait again.

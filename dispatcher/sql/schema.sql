@@ -82,6 +82,8 @@ CREATE TABLE events (
     exit_code   integer,
     error       text,
     replays     integer NOT NULL DEFAULT 0,
+    retry_at    timestamptz,  -- retrying: its next attempt is in a delay queue, due then (0006)
+    dead_at     timestamptz,  -- failed: its dead letter confirmed in es.dlq (0006)
     PRIMARY KEY (job_id, number),
     UNIQUE (task_id, number)
 ) WITH (fillfactor = 50);  -- room in each page for HOT updates (migration 0004)

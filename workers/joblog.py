@@ -1,0 +1,76 @@
+"""A job's one log file, written by every worker of the job as its events are reported.
+
+Each part (a job's set-up, an event with its output, a tear-down) is appended whole, at
+once, to ``<log dir>/workflow-<id>/job-<id>.log``: a worker killed with SIGKILL loses
+nothing it had reported (it used to keep its part in a file of its own until the job's
+tear-down, and a kill lost that part). Small parts are one ``write(2)`` to a file opened
+with O_APPEND, which the kernel never interleaves with another writer's; a large one
+is written under an exclusive ``flock`` that every large writer takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+
+from schemas.text import storable
+
+# a part up to this size goes out in one write(2): atomic against other appenders
+ONE_WRITE = 64 * 1024
+
+
+def log_path(log_dir: Path, workflow_id: int, job_id: int) -> Path:
+    """Where a job's log is: derived from ids only (the monitor serves it from there)."""
+    return log_dir / f"workflow-{workflow_id}" / f"job-{job_id}.log"
+
+
+def event_header(number: int, attempt: int, payload: str, worker: str) -> str:
+    return f"=== event {number} attempt {attempt} payload {storable(payload, 500)!r} worker {worker}\n"
+
+
+def event_footer(number: int, status: str, exit_code: int | None, took: float, error: str | None) -> str:
+    first = storable(error.splitlines()[0], 200) if error and error.splitlines() else None
+    return f"=== event {number} {status} exit_code={exit_code} duration={took:.3f}s" + (
+        f" error={first!r}\n" if first else "\n"
+    )
+
+
+class JobLogFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def append(self, head: str, output: Path | None = None, tail: str = "") -> None:
+        """``head``, the contents of ``output`` (then removed), ``tail``: as one part."""
+        body = b""
+        if output is not None:
+            with contextlib.suppress(FileNotFoundError):
+                body = output.read_bytes()
+                output.unlink()
+        part = b"".join((head.encode(errors="backslashreplace"), body, tail.encode(errors="backslashreplace")))
+        self._write(part)
+
+    def _write(self, part: bytes) -> None:
+        fd = self._fd
+        if fd is None:
+            return
+        if len(part) <= ONE_WRITE:
+            written = os.write(fd, part)
+            if written == len(part):
+                return
+            part = part[written:]  # a short write (a full disk, a signal): finish it locked
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            view = memoryview(part)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
