@@ -3,8 +3,26 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+
+from schemas.text import INT32_MAX, INT64_MAX, MAX_NAME, MAX_TEXT
+
+# What the state filters accept: an enum in the OpenAPI, so a NUL or a made-up state is a
+# 422 from validation, never a query that Postgres refuses
+EventFilter = Literal["ready", "queued", "running", "finished", "failed", "cancelled", "retrying"]
+JobState = Literal["pending", "releasing", "queued", "running", "finished", "failed", "cancelled"]
+EVENT_FILTERS: tuple[str, ...] = get_args(EventFilter)
+JOB_STATES: tuple[str, ...] = get_args(JobState)
+# free text of a request may hold anything but NUL (Postgres text cannot)
+NO_NUL = r"^[^\x00]*$"
+
+
+class Problem(BaseModel):
+    """The body of every error but 422 (FastAPI's HTTPValidationError)."""
+
+    detail: str
 
 
 class WorkflowSummary(BaseModel):
@@ -113,14 +131,32 @@ class WorkerView(BaseModel):
     last_seen: datetime
 
 
+def _not_text(value: object) -> object:
+    # JSON Schema's integer takes 40.0 but not "40" nor true: lax pydantic takes all three,
+    # strict pydantic none but true
+    if isinstance(value, str | bytes | bool):
+        raise ValueError("must be a JSON integer")
+    return value
+
+
+# (the bounds before the validator: after it, pydantic writes them as "ge"/"le", not JSON Schema)
+_JsonInt = BeforeValidator(_not_text)
+JsonId = Annotated[int, Field(ge=1, le=INT64_MAX), _JsonInt]  # a bigint id
+JsonNumber = Annotated[int, Field(ge=0, le=INT64_MAX), _JsonInt]  # an event number (bigint)
+JsonCount = Annotated[int, Field(ge=1, le=INT32_MAX), _JsonInt]
+
+
 class ReplayRequest(BaseModel):
-    workflow: int | None = None
-    task: str | None = None
-    job: int | None = None
-    event: int | None = None
-    reason: str | None = None
-    limit: int | None = None
-    dry_run: bool = False
+    # an unknown field (a misspelt dry_run) is refused rather than ignored: ignoring it
+    # would replay for real
+    model_config = ConfigDict(extra="forbid")
+    workflow: JsonId | None = None
+    task: str | None = Field(None, max_length=MAX_NAME, pattern=NO_NUL)
+    job: JsonId | None = None
+    event: JsonNumber | None = None
+    reason: str | None = Field(None, max_length=MAX_TEXT, pattern=NO_NUL)  # a substring of the last error
+    limit: JsonCount | None = None
+    dry_run: StrictBool = False  # "false" is not false
 
 
 class ActionResult(BaseModel):

@@ -35,6 +35,7 @@ class World:
     running: int  # a running one: 1 event running, 1 failed, the rest queued
     job: int  # the running workflow's first job
     evil_number: int
+    failed_attempt: int  # the attempt at which event 3 of the second job ran out of attempts
 
 
 def workflow_file(tmp_path: Path, name: str, payloads: list[str], per_job: int = 3) -> Path:
@@ -85,8 +86,8 @@ async def run_all(store: Store, wf: int, fail: set[int] = frozenset()) -> None: 
         await store.finish(jobs)
 
 
-@pytest.fixture
-async def world(store: Store, tmp_path: Path) -> World:
+async def make_world(store: Store, tmp_path: Path) -> World:
+    """A finished workflow and a running one, in the bookkeeping (shared with test_monitor_hostile)."""
     done = await submit(store, workflow_file(tmp_path, "done", [f"p{i}" for i in range(5)]))
     await run_all(store, done)
     running = await submit(store, workflow_file(tmp_path, "busy", ["x0", EVIL, "x2", "x3", "x4", "x5", "x6"]))
@@ -95,31 +96,42 @@ async def world(store: Store, tmp_path: Path) -> World:
     await store.mark_jobs_queued(jobs)
     first = min(jobs)
     await store.apply(
-        [
-            StatusUpdate(job_id=first, number=0, attempt=1, status="running", worker="w1", started_at=T0),
-            StatusUpdate(
-                job_id=first + 1,
-                number=3,
-                attempt=2,
-                status="failed",
-                worker="w1",
-                started_at=T0,
-                ended_at=T0,
-                exit_code=2,
-                error="boom <b>bold</b>",
-            ),
-        ],
+        [StatusUpdate(job_id=first, number=0, attempt=1, status="running", worker="w1", started_at=T0)],
         heartbeats=[
             ("w1", Heartbeat(host="h1", pid=7, slots=2, state="live", jobs=[first], events_done=3, started_at=T0))
         ],
     )
-    return World(finished=done, running=running, job=first, evil_number=1)
+    # event 3 fails every attempt it is given (the bookkeeping refuses an attempt it did not
+    # issue: each failure with attempts left issues the next) until it is out of attempts
+    for attempt in range(1, 11):
+        failure = StatusUpdate(
+            job_id=first + 1,
+            number=3,
+            attempt=attempt,
+            status="failed",
+            worker="w1",
+            started_at=T0,
+            ended_at=T0,
+            exit_code=2,
+            error="boom <b>bold</b>",
+        )
+        await store.apply([failure])
+        status = await store.pool.fetchval("SELECT status FROM events WHERE job_id = $1 AND number = 3", first + 1)
+        if status == "failed":
+            break
+    assert status == "failed" and attempt >= 2, (status, attempt)
+    return World(finished=done, running=running, job=first, evil_number=1, failed_attempt=attempt)
+
+
+@pytest.fixture
+async def world(store: Store, tmp_path: Path) -> World:
+    return await make_world(store, tmp_path)
 
 
 @pytest.fixture
 async def client(store: Store, broker: Broker) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(store, broker, MonitorConfig(token=TOKEN))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://monitor") as c:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost:8321") as c:
         yield c
 
 
@@ -158,7 +170,7 @@ async def test_job_events_are_paginated_and_filtered(client: httpx.AsyncClient, 
 async def test_dead_letters_workers_and_openapi(client: httpx.AsyncClient, world: World) -> None:
     dlq = (await client.get("/api/dlq")).json()
     [failed] = dlq["events"]
-    assert (failed["workflow_id"], failed["number"], failed["attempt"]) == (world.running, 3, 2)
+    assert (failed["workflow_id"], failed["number"], failed["attempt"]) == (world.running, 3, world.failed_attempt)
     assert failed["replay_command"] == (f"dispatcher replay --workflow {world.running} --job {world.job + 1} --event 3")
     assert dlq["dlq_depth"] == 0  # the test's es.dlq is empty: this failure was only written to the bookkeeping
     [worker] = (await client.get("/api/workers")).json()
@@ -182,28 +194,30 @@ async def test_state_changes_need_the_token(
     store: Store, broker: Broker, client: httpx.AsyncClient, world: World
 ) -> None:
     url = f"/api/workflows/{world.running}/cancel"
-    assert (await client.post(url)).status_code == 403
+    assert (await client.post(url)).status_code == 401  # no credentials at all
     assert (await client.post(url, headers={"Authorization": "Bearer wrong"})).status_code == 403
-    assert (await client.post("/api/replay", json={"dry_run": True})).status_code == 403
+    assert (await client.post("/api/replay", json={"dry_run": True})).status_code == 401
     assert await store.pool.fetchval("SELECT status FROM workflows WHERE id = $1", world.running) == "running"
     r = await client.post(url, headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200 and "cancelled workflow" in r.json()["detail"]
     assert await store.pool.fetchval("SELECT status FROM workflows WHERE id = $1", world.running) == "cancelled"
-    r = await client.post("/api/replay", json={"dry_run": True}, headers={"X-Dispatcher-Token": TOKEN})
+    r = await client.post("/api/replay", json={"dry_run": True}, headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200 and r.json()["detail"] == "would replay 0 event(s)"
     # without a configured token, actions are off altogether
     app = create_app(store, broker, MonitorConfig(token=None))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://m") as c:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
         r = await c.post(url, headers={"Authorization": "Bearer anything"})
         assert r.status_code == 403 and "DISPATCHER_MONITOR_TOKEN" in r.json()["detail"]
 
 
 async def test_read_token_when_configured(store: Store, broker: Broker, world: World) -> None:
     app = create_app(store, broker, MonitorConfig(read_token="r3ad"))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://m") as c:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
         assert (await c.get("/api/workflows")).status_code == 401
         assert (await c.get("/api/workflows", headers={"Authorization": "Bearer r3ad"})).status_code == 200
-        assert (await c.get("/", params={"token": "r3ad"})).status_code == 200
+        assert (await c.get("/", headers={"Authorization": "Bearer r3ad"})).status_code == 200
+        # a token in the URL ends up in logs and browser history: not accepted
+        assert (await c.get("/api/workflows", params={"token": "r3ad"})).status_code == 401
 
 
 async def test_metrics(client: httpx.AsyncClient, world: World) -> None:
@@ -213,7 +227,7 @@ async def test_metrics(client: httpx.AsyncClient, world: World) -> None:
     assert float(metrics['dispatcher_events{state="queued"}']) == 5
     assert float(metrics['dispatcher_events{state="running"}']) == 1
     assert float(metrics["dispatcher_events_finished_total"]) == 6
-    assert float(metrics["dispatcher_retries_total"]) == 1  # the attempt-2 failure
+    assert float(metrics["dispatcher_retries_total"]) == world.failed_attempt - 1  # event 3's later attempts
     assert float(metrics['dispatcher_workers{state="live"}']) == 1
     assert float(metrics['dispatcher_queue_depth{queue="dlq"}']) == 0
     assert "dispatcher_bookkeeping_lag_messages" in metrics
