@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import selectors
 import signal
@@ -17,6 +18,7 @@ import orjson
 
 from dispatcher import logs
 from dispatcher.config import Names, Settings, redact
+from dispatcher.connect import ServiceRefused, await_topology, connect_broker, connect_store
 from dispatcher.status import follow, progress_line, render
 from dispatcher.store import Store
 from schemas.submission import SubmissionError
@@ -66,6 +68,9 @@ def run_async(coro: Coroutine[Any, Any, int | None], *, precise_timers: bool = F
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         sys.exit(1)
+    except ServiceRefused as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(code or 0)
@@ -99,9 +104,14 @@ def monitor_options(func: F) -> F:
 
 
 def monitor_app(settings: Settings, store: Store, broker: Any) -> Any:
-    from dispatcher.monitor import MonitorConfig, create_app
+    from dispatcher.monitor import MonitorConfig, create_app, default_hosts
 
-    config = MonitorConfig(token=settings.monitor_token, read_token=settings.monitor_read_token)
+    config = MonitorConfig(
+        token=settings.monitor_token,
+        read_token=settings.monitor_read_token,
+        log_dir=settings.log_dir,  # logs are served from under it only
+        hosts=settings.monitor_hosts or default_hosts(settings.monitor_host),
+    )
     return create_app(store, broker, config)
 
 
@@ -128,15 +138,25 @@ def start(
 
     async def go() -> int:
         stop = stop_on_signals()
-        control = await ControlPlane.connect(settings)
-        try:
+        async with contextlib.AsyncExitStack() as resources:
+            # a service that is down is waited for (a signal ends the wait): started by the
+            # same init system, the control plane may come up before RabbitMQ or Postgres
+            store = await connect_store(settings.database_url, max_size=6, stop=stop)
+            if store is None:
+                return 0
+            resources.push_async_callback(store.close)
+            await store.upgrade()
+            broker = await connect_broker(settings.amqp_url, settings.names, client="dispatcher-control", stop=stop)
+            if broker is None:
+                return 0
+            resources.push_async_callback(broker.close)
+            await broker.declare_topology()
+            control = ControlPlane(settings, store, broker)
             if no_monitor:
                 await control.run(stop)
             else:
                 app = monitor_app(settings, control.store, control.broker)
                 await asyncio.gather(control.run(stop), serve(app, settings.monitor_host, settings.monitor_port, stop))
-        finally:
-            await control.close()
         return 0
 
     run_async(go())
@@ -196,16 +216,20 @@ def worker(
     slots: int, prefetch: int | None, work_dir: Path | None, log_dir: Path | None, grace: float, **conn: Any
 ) -> None:
     """Run a worker (the pilot): take jobs, run their events, report every status."""
-    from dispatcher.broker import Broker
     from workers.worker import Worker
 
     settings = settings_from(**conn, work_dir=work_dir, log_dir=log_dir)
 
     async def go() -> int:
         stop = stop_on_signals()
-        broker = await Broker.connect(settings.amqp_url, settings.names, client="dispatcher-worker")
-        await broker.declare_topology()
+        broker = await connect_broker(settings.amqp_url, settings.names, client="dispatcher-worker", stop=stop)
+        if broker is None:
+            return 0
         try:
+            # the topology is the control plane's to declare (a worker's RabbitMQ user
+            # may not): wait for it rather than fail if the worker came up first
+            if not await await_topology(broker, settings.amqp_url, stop=stop):
+                return 0
             await Worker(
                 broker,
                 slots=slots,
