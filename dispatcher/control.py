@@ -46,14 +46,6 @@ class ControlPlane:
             store, broker, self.finisher, self.reissuer, batch_size=settings.batch_size, linger=settings.batch_linger
         )
 
-    @classmethod
-    async def connect(cls, settings: Settings) -> ControlPlane:
-        store = await Store.connect(settings.database_url, max_size=6)
-        await store.upgrade()
-        broker = await Broker.connect(settings.amqp_url, settings.names, client="dispatcher-control")
-        await broker.declare_topology()
-        return cls(settings, store, broker)
-
     async def close(self) -> None:
         await self.broker.close()
         await self.store.close()
