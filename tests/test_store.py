@@ -302,3 +302,24 @@ async def test_a_released_connection_costs_no_reset_query_but_its_transaction_en
     assert seen[-1] == "ROLLBACK"
     async with store.pool.acquire() as conn:  # the rolled-back table is gone
         assert await conn.fetchval("SELECT to_regclass('pg_temp.left_open')") is None
+
+
+async def test_a_range_returned_after_its_retry_was_issued_runs_nothing_twice(store: Store) -> None:
+    # a worker reported the failure, the retry went into a delay queue, and the worker died
+    # before acking its range: the redelivered copy must not run that attempt again
+    job, n = await queued_event(store)
+    await store.apply([update(job, n, 1, "running", started_at=T0)])
+    failed = await store.apply_batch([update(job, n, 1, "failed", started_at=T0, ended_at=T0, exit_code=1)])
+    await store.issued([(d, T0) for d in failed.due])
+    returned = StatusUpdate(job_id=job, number=n, attempt=1, status="returned", worker="w2")
+    assert (await store.apply_batch([returned])).due == []
+    assert await state(store, job, n) == ("retrying", 1)
+    # before the retry was published (a crash between the commit and the publish), the
+    # return finds it due: published once, by whichever comes first
+    job2 = await store.pool.fetchval("SELECT min(id) FROM jobs WHERE id > $1", job)
+    await store.pool.execute("UPDATE jobs SET status = 'releasing' WHERE id = $1", job2)
+    await store.mark_jobs_queued([job2])
+    m = await store.pool.fetchval("SELECT min(number) FROM events WHERE job_id = $1", job2)
+    await store.apply([update(job2, m, 1, "failed", started_at=T0, ended_at=T0, exit_code=1)])
+    back = StatusUpdate(job_id=job2, number=m, attempt=1, status="returned", worker="w2")
+    assert [(d.status, d.attempt) for d in (await store.apply_batch([back])).due] == [("retrying", 1)]
