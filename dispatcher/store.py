@@ -301,19 +301,14 @@ class Store:
                 moved |= {r["job_id"] for r in back}
             # failures and returns may leave work for the control plane (the usual batch,
             # all running and finished, needs no look)
-            pending = [u for u in updates if u.status == "failed"] + returns
+            again = {(r["job_id"], r["number"]) for r in back if r["status"] == "queued"} if returns else set()
+            pending = [(u.job_id, u.number) for u in updates if u.status == "failed"]
+            pending += [(u.job_id, u.number) for u in returns]
             if pending:
                 rows = await conn.fetch(
-                    q("followups"), [u.job_id for u in pending], [u.number for u in pending]
+                    q("followups"), [k[0] for k in pending], [k[1] for k in pending], [k in again for k in pending]
                 )
                 due = [Due(**dict(r)) for r in rows]
-            if returns:
-                queued = {(r["job_id"], r["number"]) for r in back if r["status"] == "queued"}
-                if queued:
-                    rows = await conn.fetch(
-                        q("due_again"), [k[0] for k in queued], [k[1] for k in queued]
-                    )
-                    due += [Due(**dict(r)) for r in rows]
             if moved:
                 await conn.execute(q("mark_jobs_running"), list(moved))
             if logs:

@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -28,6 +28,7 @@ from dispatcher.submit import submit
 from schemas.messages import SCHEMA_VERSION, DeadLetter, StatusBatch, StatusUpdate, decode, encode
 from tests.conftest import ROOT
 from tests.helpers import eventually
+from tests.test_control import control as control
 from tests.test_crashes import Processes
 from tests.test_failures import (
     Cluster,
@@ -65,16 +66,6 @@ def test_connections_carry_short_amqp_heartbeats() -> None:
 
 
 # -- the bookkeeper never stops for one message -----------------------------------------
-
-
-@pytest.fixture
-async def control(settings: Settings, store: Store, broker: Broker) -> AsyncIterator[ControlPlane]:
-    cp = ControlPlane(settings, store, broker)
-    stop = asyncio.Event()
-    task = asyncio.create_task(cp.run(stop))
-    yield cp
-    stop.set()
-    await asyncio.wait_for(task, 15)
 
 
 async def queued_job(store: Store, tmp_path: Path, n: int = 3) -> int:

@@ -246,25 +246,19 @@ RETURNING e.job_id, e.number, e.status, e.attempt, e.payload;
 
 -- name: followups
 -- Events of these keys that wait for the control plane: a next attempt to issue
--- ('retrying'), or a dead letter to write ('failed', none confirmed yet). A status
--- message delivered again after a crash finds them here again.
-SELECT e.job_id, e.number, e.status, e.attempt, e.payload, e.worker, e.error, j.workflow_id, t.label,
+-- ('retrying'), a dead letter to write ('failed', none confirmed yet), or, for the keys
+-- flagged "again" (they came back and are queued again), a range to publish at once. A
+-- status message delivered again after a crash finds them here again.
+SELECT DISTINCT ON (e.job_id, e.number)
+       e.job_id, e.number, e.status, e.attempt, e.payload, e.worker, e.error, j.workflow_id, t.label,
        t.retry_delay, t.events_per_range
-FROM unnest($1::bigint[], $2::bigint[]) AS k(job_id, number)
+FROM unnest($1::bigint[], $2::bigint[], $3::boolean[]) AS k(job_id, number, again)
 JOIN events e ON e.job_id = k.job_id AND e.number = k.number
 JOIN jobs j ON j.id = e.job_id
 JOIN tasks t ON t.id = e.task_id
-WHERE (e.status = 'retrying' AND e.retry_at IS NULL) OR (e.status = 'failed' AND e.dead_at IS NULL);
-
--- name: due_again
--- Events that came back and are queued again: to be republished at once.
-SELECT e.job_id, e.number, e.status, e.attempt, e.payload, e.worker, e.error, j.workflow_id, t.label,
-       t.retry_delay, t.events_per_range
-FROM unnest($1::bigint[], $2::bigint[]) AS k(job_id, number)
-JOIN events e ON e.job_id = k.job_id AND e.number = k.number
-JOIN jobs j ON j.id = e.job_id
-JOIN tasks t ON t.id = e.task_id
-WHERE e.status = 'queued';
+WHERE (e.status = 'retrying' AND e.retry_at IS NULL) OR (e.status = 'failed' AND e.dead_at IS NULL)
+   OR (k.again AND e.status = 'queued')
+ORDER BY e.job_id, e.number;
 
 -- name: mark_retries_issued
 -- Their next attempt is in a delay queue, due at the given times.
