@@ -486,14 +486,21 @@ async def test_a_range_delivered_again_charges_only_the_attempts_postgres_saw_ru
     await assert_consistent(store)
 
 
-async def test_replay_killed_after_the_bookkeeping_step_publishes_on_the_next_run(
-    cluster: Cluster, store: Store, broker: Broker, tmp_path: Path
-) -> None:
+async def a_dead_letter(cluster: Cluster, store: Store, broker: Broker, tmp_path: Path) -> tuple[int, Path, DeadLetter]:
+    """A workflow whose one event failed its one attempt: (workflow, the file that fixes
+    it, its dead letter)."""
     fixed = tmp_path / "fixed"
     wf = await submit(store, write_workflow(tmp_path, {"isr": [f"until:{fixed}"]}, retries=0))
     await cluster.worker(slots=1)
     assert await wait_workflow(store, wf) == "failed"
     [dead] = await dead_letters(broker)
+    return wf, fixed, dead
+
+
+async def test_replay_killed_after_the_bookkeeping_step_publishes_on_the_next_run(
+    cluster: Cluster, store: Store, broker: Broker, tmp_path: Path
+) -> None:
+    wf, fixed, dead = await a_dead_letter(cluster, store, broker, tmp_path)
     fixed.write_text("yes")
     # a replay that died right after giving the event its fresh attempt in Postgres,
     # before republishing: the dead letter is still in the DLQ, nothing is in the queue

@@ -32,6 +32,7 @@ from tests.test_control import control as control
 from tests.test_crashes import Processes
 from tests.test_failures import (
     Cluster,
+    a_dead_letter,
     assert_consistent,
     assert_no_job_queues,
     dead_letters,
@@ -217,11 +218,7 @@ async def test_an_announcement_that_names_a_queue_is_refused_and_never_consumed(
 async def test_replay_runs_the_payload_postgres_holds_not_the_dead_letters(
     cluster: Cluster, store: Store, broker: Broker, tmp_path: Path
 ) -> None:
-    fixed = tmp_path / "fixed"
-    wf = await submit(store, write_workflow(tmp_path, {"isr": [f"until:{fixed}"]}, retries=0))
-    await cluster.worker(slots=1)
-    assert await wait_workflow(store, wf) == "failed"
-    [real] = await dead_letters(broker)
+    wf, fixed, real = await a_dead_letter(cluster, store, broker, tmp_path)
     # swap the dead letter for a forged one: same event, another payload, other attempts
     await (await (await broker.channel()).get_queue(broker.names.dlq, ensure=False)).purge()
     forged = real.model_copy(update={"payload": f"ok:{tmp_path / 'pwned'}", "attempts": 7})
