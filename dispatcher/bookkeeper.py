@@ -30,15 +30,20 @@ from functools import partial
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
-from dispatcher.broker import Broker
+from dispatcher.broker import REFUSED_BY_HEADER, Broker
 from dispatcher.finisher import Finisher
 from dispatcher.reissue import Reissuer
 from dispatcher.retry import is_outage, patiently
-from dispatcher.store import Applied, Store
-from schemas.messages import Heartbeat, StatusBatch, StatusUpdate
+from dispatcher.store import Applied, Due, Store
+from schemas.messages import StatusBatch
 from schemas.text import storable
 
 Taken = list[tuple[AbstractIncomingMessage, StatusBatch]]
+
+
+def _weight(batch: StatusBatch) -> int:
+    """What a decoded batch holds, in updates (a refused message's body counts by size)."""
+    return len(batch.updates) + len(batch.logs) + sum(len(r.body) for r in batch.refused) // 1000
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +104,12 @@ class Bookkeeper:
             self._full.set()
 
     async def _decode(self, message: AbstractIncomingMessage) -> StatusBatch | None:
-        batch = await self.broker.decode_or_dead_letter(message, StatusBatch, source=self.broker.names.status)
+        batch = await patiently(
+            partial(self.broker.decode_or_dead_letter, message, StatusBatch, source=self.broker.names.status),
+            what="dead-lettering a status message",
+        )
         if batch is not None:
-            self._count += len(batch.updates) + len(batch.logs)
+            self._count += _weight(batch)
         return batch
 
     async def run(self) -> None:
@@ -137,7 +145,7 @@ class Bookkeeper:
                 batch = await self._decode(message)
                 if batch is None:
                     continue
-            n = len(batch.updates) + len(batch.logs)
+            n = _weight(batch)
             self._count -= n
             size += n
             taken.append((message, batch))
@@ -177,14 +185,14 @@ class Bookkeeper:
             for message, batch in taken:
                 bad = [refused[k] for u in batch.updates if (k := (u.job_id, u.number, u.attempt)) in refused]
                 if bad:  # the rest of the message was applied
-                    await self.broker.dead_letter(message.body, bad[0].reason(), source=self.broker.names.status)
+                    await self._dead_letter(message.body, bad[0].reason())
         due = [d for a in applied for d in a.due]
+        due += await self._forward_refused(taken)
         if due:
             await patiently(partial(self.reissuer.publish, due), what="issuing attempts")
-        await self._forward_refused(taken)
         invited = sorted({job for _, b in taken for job in b.invite})
         if invited:
-            await patiently(partial(self.reissuer.announce, invited), what="announcing")
+            await patiently(partial(self.reissuer.releaser.invite, invited), what="announcing")
         self.applied += len(updates)
         # not only the jobs this batch moved: a duplicate may be all that is left of a
         # batch whose finish check was lost in a crash
@@ -221,40 +229,52 @@ class Bookkeeper:
         )
 
     async def _apply_alone(self, taken: Taken) -> list[Applied]:
-        """Each message in a transaction of its own (applying one again changes nothing);
-        one the database still refuses goes to es.dlq with its reason."""
+        """Each message in transactions of its own; a message the database still refuses
+        is applied update by update, and goes to es.dlq with the database's reason (its
+        other updates applied: their ranges are acked already)."""
         applied = []
         for message, batch in taken:
-            beats: list[tuple[str, Heartbeat]] = [(batch.worker, batch.heartbeat)] if batch.heartbeat else []
-            updates: list[StatusUpdate] = list(batch.updates)
             try:
-                applied.append(
-                    await patiently(
-                        partial(self.store.apply_batch, updates, batch.logs, beats), what="bookkeeping"
-                    )
-                )
+                applied += await self._apply_shares([(message, batch)])
+                continue
             except asyncpg.PostgresError as exc:
                 reason = f"the database refused this status message: {type(exc).__name__}: {exc}"
-                await self.broker.dead_letter(message.body, reason, source=self.broker.names.status)
+            parts: list[StatusBatch] = [batch.model_copy(update={"updates": [u]}) for u in batch.updates]
+            parts.append(batch.model_copy(update={"updates": []}))  # its logs and heartbeat
+            for part in parts:
+                with contextlib.suppress(asyncpg.PostgresError):
+                    applied += await self._apply_shares([(message, part)])
+            await self._dead_letter(message.body, reason)
         return applied
 
-    async def _forward_refused(self, taken: Taken) -> None:
-        """Messages workers refused (a worker may not publish to es.dlq itself)."""
+    async def _dead_letter(self, body: bytes, reason: str) -> None:
+        await patiently(
+            partial(self.broker.dead_letter, body, reason, source=self.broker.names.status), what="dead-lettering"
+        )
+
+    async def _forward_refused(self, taken: Taken) -> list[Due]:
+        """Messages workers refused go to es.dlq (a worker may not publish there). A job
+        whose set-up failed is counted: returns the dead letters of a job that failed to
+        set up on as many workers as its task has attempts."""
+        due: list[Due] = []
         for _, batch in taken:
             for r in batch.refused:
                 try:
                     body = base64.b64decode(r.body, validate=True)
                 except ValueError:
                     body = r.body.encode()
-                await self.broker.publish(
-                    self.broker.names.dlq,
-                    body,
-                    headers={
-                        "x-reason": storable(r.reason, 1000),
-                        "x-source-queue": r.source,
-                        "x-refused-by": batch.worker,
-                    },
+                headers = {
+                    "x-reason": storable(r.reason, 1000),
+                    "x-source-queue": r.source,
+                    REFUSED_BY_HEADER: batch.worker,
+                }
+                await patiently(
+                    partial(self.broker.publish, self.broker.names.dlq, body, headers=headers), what="dead-lettering"
                 )
+                if r.setup_failed is not None:
+                    reason = storable(f"the job's set-up failed on its workers; last: {r.reason}", 2000)
+                    due += await patiently(partial(self.store.setup_failed, r.setup_failed, reason), what="set-up")
+        return due
 
     async def settle(self) -> None:
         """Check the jobs that committed transactions ended (all of them at once), then

@@ -85,6 +85,8 @@ DELAY_STEPS_MS = (
     512000,
 )
 DELAY_HEADER = "es-delay-ms"
+# on a message a worker refused, forwarded to es.dlq by the bookkeeper: never replayed
+REFUSED_BY_HEADER = "x-refused-by"
 
 
 def delay_step(seconds: float) -> int:

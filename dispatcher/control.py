@@ -17,7 +17,7 @@ from dispatcher.broker import Broker
 from dispatcher.config import Settings
 from dispatcher.finisher import Finisher
 from dispatcher.reissue import Reissuer
-from dispatcher.releaser import Releaser
+from dispatcher.releaser import REANNOUNCE_SECONDS, Releaser
 from dispatcher.retry import is_outage, patiently
 from dispatcher.store import Store
 from schemas.messages import EventRange, MessageError, StatusUpdate, decode
@@ -29,9 +29,6 @@ STALE_CLAIM_SECONDS = 30.0
 # how often jobs with ranges ready and no consumer are looked for (their only worker
 # died: RabbitMQ gave its ranges back at once, but nobody consumes them), at most
 UNCONSUMED_CHECK_SECONDS = 1.0
-# an unconsumed job announced this recently is not announced again while announcements
-# wait in es.jobs (all workers busy: a second one would only pile up)
-REANNOUNCE_SECONDS = 10.0
 
 
 class ControlPlane:
@@ -41,7 +38,7 @@ class ControlPlane:
         self.broker = broker
         self.releaser = Releaser(store, broker, window=settings.release_window)
         self.finisher = Finisher(store, broker, on_task_end=self.releaser.wake)
-        self.reissuer = Reissuer(store, broker)
+        self.reissuer = Reissuer(store, broker, self.releaser)
         self.bookkeeper = Bookkeeper(
             store, broker, self.finisher, self.reissuer, batch_size=settings.batch_size, linger=settings.batch_linger
         )
@@ -182,9 +179,8 @@ class ControlPlane:
         names = self.broker.names
         headers = message.headers or {}
         deaths = headers.get("x-death")
-        queue = headers.get("x-first-death-queue")
-        if queue is None and isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-            queue = deaths[0].get("queue")
+        # the latest death first (a retry's range died in its delay queue before)
+        queue = deaths[0].get("queue") if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else None
         try:
             rng = decode(message.body, EventRange)
         except MessageError as exc:
@@ -197,7 +193,14 @@ class ControlPlane:
             await message.ack()
             return
         updates = [
-            StatusUpdate(job_id=rng.job_id, number=e.number, attempt=e.attempt, status="returned", worker="rabbitmq")
+            StatusUpdate(
+                job_id=rng.job_id,
+                number=e.number,
+                attempt=e.attempt,
+                status="returned",
+                worker="rabbitmq",
+                issue=e.issue,
+            )
             for e in rng.events
         ]
         applied = await patiently(lambda: self.store.apply_batch(updates), what="dead range")

@@ -9,8 +9,9 @@ whoever could put ranges into job queues could make other workers run anything.
 
 Each step is marked in Postgres once RabbitMQ confirmed it, and its status message is
 acked only after that: a crash in between makes the message come back, and the step is
-found due again (``followups``). A step published twice costs a duplicate range, which
-the bookkeeping absorbs; a step never published cannot happen.
+found due again (``followups``); a step is never lost. Every range published is a new
+copy of its events (``events.issue``): a range of an older copy that comes back again is
+stale and reissues nothing, so one range returned twice is not run twice.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from dispatcher.broker import Broker, delay_step
-from dispatcher.releaser import announcement
+from dispatcher.releaser import Releaser
 from dispatcher.store import Due, Store
 from schemas.messages import DeadLetter, EventRange, EventSpec, encode
 from schemas.text import storable
@@ -33,22 +34,25 @@ MAX_RETRY_DELAY = 512.0  # seconds: the longest delay step
 
 
 def backoff(base: float, attempt: int) -> float:
-    """Seconds before the attempt after ``attempt``: base x 2^(attempt-1), +-25 % jitter
-    (so that events that failed together do not all come back at once)."""
-    return float(min(base * 2 ** (attempt - 1), MAX_RETRY_DELAY) * random.uniform(0.75, 1.25))
+    """Seconds before the attempt after ``attempt``: base x 2^(attempt-1), capped, +-25 %
+    jitter (so that events that failed together do not all come back at once)."""
+    doublings = min(max(attempt - 1, 0), 32)  # 2**1023 would overflow a float
+    return float(min(base * 2**doublings, MAX_RETRY_DELAY) * random.uniform(0.75, 1.25))
 
 
 class Reissuer:
-    def __init__(self, store: Store, broker: Broker) -> None:
+    def __init__(self, store: Store, broker: Broker, releaser: Releaser) -> None:
         self.store = store
         self.broker = broker
+        self.releaser = releaser  # announcements go out one way, so that they are counted
 
     async def publish(self, due: Sequence[Due]) -> None:
-        """Publish every step in ``due`` (confirmed), then mark it done in Postgres."""
+        """Publish every step in ``due`` (confirmed), then mark it done in Postgres. A job
+        cancelled or ended meanwhile gets no new range (nor its queue back)."""
         if not due:
             return
-        retries = [d for d in due if d.status == "retrying"]
-        again = [d for d in due if d.status == "queued"]
+        retries = [d for d in due if d.status == "retrying" and d.job_active]
+        again = [d for d in due if d.status == "queued" and d.job_active]
         dead = [d for d in due if d.status == "failed"]
         if retries:
             await self._retry(retries)
@@ -57,41 +61,35 @@ class Reissuer:
         if dead:
             await self._dead_letter(dead)
 
-    async def announce(self, job_ids: Sequence[int]) -> None:
-        """Announce these jobs (a worker asked for it: more ranges wait than it takes)."""
-        jobs = await self.store.jobs_to_publish(job_ids)
-        names = self.broker.names
-        await self.broker.publish_many((names.jobs, encode(announcement(job))) for job in jobs)
-
     async def _retry(self, retries: Sequence[Due]) -> None:
         names = self.broker.names
         steps: dict[int, set[int]] = defaultdict(set)  # job -> delay steps used
-        issued = []
+        published: list[tuple[Due, datetime | None]] = []
         for d in retries:
             seconds = backoff(d.retry_delay, d.attempt)
             rng = EventRange(
                 workflow_id=d.workflow_id,
                 job_id=d.job_id,
-                events=[EventSpec(number=d.number, payload=d.payload, attempt=d.attempt + 1)],
+                events=[EventSpec(number=d.number, payload=d.payload, attempt=d.attempt + 1, issue=d.issue)],
             )
             await self.broker.publish_delayed(names.job(d.job_id), encode(rng), seconds)
             step = delay_step(seconds)
             steps[d.job_id].add(step)
-            issued.append((d, datetime.now(UTC) + timedelta(milliseconds=step)))
+            published.append((d, datetime.now(UTC) + timedelta(milliseconds=step)))
             log.info(
                 "event retry scheduled",
                 extra={"job": d.job_id, "event": d.number, "attempt": d.attempt, "delay": round(seconds, 2)},
             )
         # each retry's announcement lands right behind it: a worker comes back for it
         # even if every worker has left the job
-        for job in await self.store.jobs_to_publish(list(steps)):
-            body = encode(announcement(job))
-            for step in sorted(steps[job.id]):
-                await self.broker.publish_delayed(names.jobs, body, step / 1000)
-        await self.store.issued(issued)
+        for job_id, job_steps in steps.items():
+            for step in sorted(job_steps):
+                await self.releaser.announce_ids([job_id], delay=step / 1000)
+        await self.store.published(published)
 
     async def _again(self, again: Sequence[Due]) -> None:
-        """Events that came back, into their job's queue at once, in ranges of the task's size."""
+        """Events that came back, into their job's queue at once, in ranges of the task's
+        size; each asks the worker to confirm its start first (``confirm_start``)."""
         names = self.broker.names
         by_job: dict[int, list[Due]] = defaultdict(list)
         for d in again:
@@ -105,15 +103,16 @@ class Reissuer:
                 rng = EventRange(
                     workflow_id=chunk[0].workflow_id,
                     job_id=job_id,
-                    events=[EventSpec(number=d.number, payload=d.payload, attempt=d.attempt) for d in chunk],
+                    events=[
+                        EventSpec(number=d.number, payload=d.payload, attempt=d.attempt, issue=d.issue) for d in chunk
+                    ],
                     confirm_start=True,  # a payload that kills its worker must be seen running
                 )
                 messages.append((names.job(job_id), encode(rng)))
-        for job_id in by_job:
-            await self.broker.declare_job_queue(names.job(job_id))  # gone if its job had ended meanwhile
+            await self.broker.declare_job_queue(names.job(job_id))  # its job is active: keep its queue
         await self.broker.publish_many(messages)
-        jobs = await self.store.jobs_to_publish(list(by_job))
-        await self.broker.publish_many((names.jobs, encode(announcement(job))) for job in jobs)
+        await self.releaser.announce_ids(list(by_job))
+        await self.store.published([(d, None) for d in again])
         log.info("events issued again", extra={"events": len(again), "jobs": len(by_job)})
 
     async def _dead_letter(self, dead: Sequence[Due]) -> None:

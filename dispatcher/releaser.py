@@ -26,6 +26,11 @@ PUBLISH_CONCURRENCY = 2
 # ranges of a window's first job published, and announced, before the rest of it: the
 # confirms of a thousand ranges took 30 ms, a third of submit -> first event running
 FIRST_RANGES = 32
+# a job announced this recently is not announced again on request (an invitation, a job
+# nobody consumes while announcements wait for free workers): it would only pile up
+REANNOUNCE_SECONDS = 10.0
+# a job is announced on a worker's invitation at most this often
+INVITE_SECONDS = 1.0
 
 
 def announcement(job: JobToPublish) -> JobAnnouncement:
@@ -47,6 +52,7 @@ class Releaser:
         # held while publishing: stopping waits for it, so no publish is cut in half
         self.busy = asyncio.Lock()
         self.announced: dict[int, float] = {}  # job -> when this releaser last announced it
+        self.invited: dict[int, float] = {}  # job -> when it was last announced on an invitation
 
     def wake(self) -> None:
         self._wake.set()
@@ -83,14 +89,16 @@ class Releaser:
         """Publish again jobs a dead control plane left half-published. Their queue is
         purged, never deleted: a worker may hold ranges of it unacked, and those must come
         back to it if that worker dies. Purging drops only the ranges ready in it; every
-        event not yet reported is republished from Postgres (a held one may so run twice:
-        the bookkeeping absorbs that as it does any duplicate)."""
+        event not started is republished from Postgres as a new copy, retries whose range
+        should have reached the queue by now included (a held copy may so run twice; if
+        its worker dies, it comes back stale and reissues nothing)."""
         async with self.busy:
             job_ids = await self.store.reclaim_stale_releasing(older_than)
             if job_ids:
                 log.warning("republishing jobs left half-released", extra={"jobs": len(job_ids)})
                 for job_id in job_ids:
                     await self.broker.purge_queue(self.broker.names.job(job_id))
+                await self.store.reissue_stale_jobs(job_ids)  # what a worker holds is stale now
                 await self.publish_jobs(job_ids)
 
     async def publish_jobs(self, job_ids: Sequence[int]) -> None:
@@ -111,13 +119,34 @@ class Releaser:
             await release(jobs[0], early=True)
         await asyncio.gather(*(release(job) for job in jobs[1:]))
 
-    async def announce_ids(self, job_ids: Sequence[int]) -> None:
-        if job_ids:
-            await self.announce(await self.store.jobs_to_publish(job_ids))
+    async def invite(self, job_ids: Sequence[int]) -> None:
+        """Workers asked for these jobs to be announced (more ranges wait than they take):
+        only active jobs, each at most once per INVITE_SECONDS (a worker's status batch
+        must not flood es.jobs)."""
+        clock = time.monotonic()
+        fresh = [j for j in job_ids if clock - self.invited.get(j, -INVITE_SECONDS) >= INVITE_SECONDS]
+        if not fresh:
+            return
+        active = set(await self.store.active_jobs())
+        fresh = [j for j in fresh if j in active]
+        for job_id in fresh:
+            self.invited[job_id] = clock
+        if len(self.invited) > 10 * max(self.window, 100):
+            self.invited = {j: t for j, t in self.invited.items() if clock - t < INVITE_SECONDS}
+        await self.announce_ids(fresh)
 
-    async def announce(self, jobs: Sequence[JobToPublish]) -> None:
+    async def announce_ids(self, job_ids: Sequence[int], *, delay: float | None = None) -> None:
+        if job_ids:
+            await self.announce(await self.store.jobs_to_publish(job_ids), delay=delay)
+
+    async def announce(self, jobs: Sequence[JobToPublish], *, delay: float | None = None) -> None:
+        """Announce jobs on es.jobs (``delay``: through a delay queue, behind a retry)."""
         names = self.broker.names
-        await self.broker.publish_many((names.jobs, encode(announcement(job))) for job in jobs)
+        if delay is None:
+            await self.broker.publish_many((names.jobs, encode(announcement(job))) for job in jobs)
+        else:
+            for job in jobs:
+                await self.broker.publish_delayed(names.jobs, encode(announcement(job)), delay)
         clock = time.monotonic()
         for job in jobs:
             self.announced[job.id] = clock
@@ -148,7 +177,7 @@ class Releaser:
         messages = []
         for start in range(0, len(rows), size):
             events = [
-                EventSpec(number=r["number"], payload=r["payload"], attempt=r["attempt"])
+                EventSpec(number=r["number"], payload=r["payload"], attempt=r["attempt"], issue=r["issue"])
                 for r in rows[start : start + size]
             ]
             messages.append((queue, encode(EventRange(workflow_id=job.workflow_id, job_id=job.id, events=events))))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from dispatcher.broker import Broker
+from dispatcher.broker import REFUSED_BY_HEADER, Broker
 from dispatcher.releaser import Releaser
 from dispatcher.store import Store
 from schemas.messages import CancelJobs, DeadLetter, EventRange, EventSpec, MessageError, decode, encode
@@ -73,9 +73,11 @@ async def replay(
             if message is None:
                 break
             try:
+                if REFUSED_BY_HEADER in (message.headers or {}):
+                    raise MessageError("a message a worker refused: never replayed")
                 dead = decode(message.body, DeadLetter)
             except MessageError:
-                held.append(message)  # a poison message: kept for a person to read
+                held.append(message)  # a poison message, or one a worker refused: kept for a person to read
                 continue
             if not selector.matches(dead) or (limit is not None and replayed >= limit):
                 held.append(message)
@@ -103,20 +105,20 @@ async def replay(
                 # Postgres first: a range published for an event still 'failed' would be
                 # refused. A replay killed after this finds the event queued at the next
                 # attempt and publishes it again.
-                attempt, payload, workflow_id = row["attempt"], row["payload"], row["workflow_id"]
+                attempt, issue, payload, workflow_id = row["attempt"], row["issue"], row["payload"], row["workflow_id"]
                 if row["status"] == "failed":
                     fresh = await store.replay_event(workflow_id, dead.job_id, dead.number, attempt)
                     if fresh is None:  # replayed meanwhile by someone else
                         outcomes.append(Outcome(dead, "dropped: replayed meanwhile"))
                         await message.ack()
                         continue
-                    attempt, payload = fresh["attempt"], fresh["payload"]
+                    attempt, issue, payload = fresh["attempt"], fresh["issue"], fresh["payload"]
                 queue = broker.names.job(dead.job_id)
                 await broker.declare_job_queue(queue)  # the job may have ended and lost its queue
                 rng = EventRange(
                     workflow_id=workflow_id,
                     job_id=dead.job_id,
-                    events=[EventSpec(number=dead.number, payload=payload, attempt=attempt)],
+                    events=[EventSpec(number=dead.number, payload=payload, attempt=attempt, issue=issue)],
                 )
                 await broker.publish(queue, encode(rng))
                 await releaser.announce_ids([dead.job_id])

@@ -73,10 +73,12 @@ class Due:
 
     job_id: int
     workflow_id: int
+    job_active: bool  # its job may still run (not cancelled or ended meanwhile)
     label: str
     number: int
     status: str
     attempt: int
+    issue: int  # which publication of the event this is
     payload: str
     worker: str | None
     error: str | None
@@ -265,7 +267,7 @@ class Store:
         """``apply``, also saying which updates were refused and what the control plane
         must publish now (next attempts, dead letters), in one transaction."""
         returns = [u for u in updates if u.status in RETURNS]
-        updates = newest_updates(u for u in updates if u.status not in RETURNS) if returns else newest_updates(updates)
+        updates = newest_updates(u for u in updates if u.status not in RETURNS)
         cols = _columns(updates)
         due: list[Due] = []
         async with self.pool.acquire() as conn, conn.transaction():
@@ -297,18 +299,14 @@ class Store:
                     [u.attempt for u in returns],
                     [u.status for u in returns],
                     [u.worker for u in returns],
+                    [u.issue for u in returns],
                 )
                 moved |= {r["job_id"] for r in back}
             # failures and returns may leave work for the control plane (the usual batch,
             # all running and finished, needs no look)
-            again = {(r["job_id"], r["number"]) for r in back if r["status"] == "queued"} if returns else set()
-            pending = [(u.job_id, u.number) for u in updates if u.status == "failed"]
-            pending += [(u.job_id, u.number) for u in returns]
+            pending = [u for u in updates if u.status == "failed"] + returns
             if pending:
-                rows = await conn.fetch(
-                    q("followups"), [k[0] for k in pending], [k[1] for k in pending], [k in again for k in pending]
-                )
-                due = [Due(**dict(r)) for r in rows]
+                due = await self._due(conn, [(u.job_id, u.number) for u in pending])
             if moved:
                 await conn.execute(q("mark_jobs_running"), list(moved))
             if logs:
@@ -319,15 +317,36 @@ class Store:
                 await conn.execute(q("notify_progress"), wfs)
         return Applied(moved, refused, due)
 
-    async def issued(self, retries: Sequence[tuple[Due, datetime]]) -> None:
-        """The next attempts of these retrying events are in delay queues, due then."""
+    @staticmethod
+    async def _due(conn: asyncpg.Connection, keys: Sequence[tuple[int, int]]) -> list[Due]:
+        rows = await conn.fetch(q("followups"), [k[0] for k in keys], [k[1] for k in keys])
+        return [Due(**dict(r)) for r in rows]
+
+    async def due(self, keys: Sequence[tuple[int, int]]) -> list[Due]:
+        """What the control plane must still publish for these events."""
+        async with self.pool.acquire() as conn:
+            return await self._due(conn, keys)
+
+    async def published(self, copies: Sequence[tuple[Due, datetime | None]]) -> None:
+        """These copies are confirmed in RabbitMQ (a retry's next attempt due then)."""
         await self.pool.execute(
-            q("mark_retries_issued"),
-            [d.job_id for d, _ in retries],
-            [d.number for d, _ in retries],
-            [d.attempt for d, _ in retries],
-            [due for _, due in retries],
+            q("mark_published"),
+            [d.job_id for d, _ in copies],
+            [d.number for d, _ in copies],
+            [d.issue for d, _ in copies],
+            [due for _, due in copies],
         )
+
+    async def setup_failed(self, job_id: int, reason: str) -> list[Due]:
+        """A worker could not set the job up; returns the dead letters due if that was the
+        last chance the job had (as many set-up failures as its task has attempts)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(q("setup_failed"), job_id, reason)
+            return await self._due(conn, [(r["job_id"], r["number"]) for r in rows]) if rows else []
+
+    async def reissue_stale_jobs(self, job_ids: Sequence[int]) -> None:
+        """New copies of what has not started in jobs a dead control plane half-published."""
+        await self.pool.execute(q("reissue_stale_jobs"), list(job_ids))
 
     async def dead_lettered(self, dead: Sequence[Due]) -> None:
         """The dead letters of these failed events are confirmed in es.dlq."""

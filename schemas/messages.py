@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from schemas.text import Int32, Name, NonNegInt64, PosInt32, Text
+from schemas.text import Int32, Name, NonNegInt32, NonNegInt64, PosInt32, Text
 
 SCHEMA_VERSION = 2
 
@@ -78,6 +78,7 @@ class EventSpec(BaseModel):
     number: NonNegInt64
     payload: str
     attempt: PosInt32 = 1
+    issue: NonNegInt32 = 0  # which publication of the event this is (see ``returned``)
 
 
 class EventRange(_Wire):
@@ -102,6 +103,7 @@ class StatusUpdate(BaseModel):
     ended_at: datetime | None = None
     exit_code: Int32 | None = None
     error: Text | None = None
+    issue: NonNegInt32 | None = None  # returned, stopped: the issue of the range given back
 
 
 class JobLog(BaseModel):
@@ -131,6 +133,9 @@ class Refused(BaseModel):
     source: Name  # the queue it came from
     reason: Text
     body: Annotated[str, Field(max_length=1_000_000)]  # the message's bytes, base64
+    # an announcement refused because the job's set-up failed here: counted, and a job
+    # nobody can set up fails instead of being announced for ever
+    setup_failed: Id | None = None
 
 
 class StatusBatch(_Wire):

@@ -63,6 +63,7 @@ def _mend_text(text: str) -> str:
 Int32 = Annotated[int, Field(ge=-(2**31), le=INT32_MAX, strict=True)]
 Int64 = Annotated[int, Field(ge=-(2**63), le=INT64_MAX, strict=True)]
 PosInt32 = Annotated[int, Field(ge=1, le=INT32_MAX, strict=True)]
+NonNegInt32 = Annotated[int, Field(ge=0, le=INT32_MAX, strict=True)]
 NonNegInt64 = Annotated[int, Field(ge=0, le=INT64_MAX, strict=True)]
 # Text from outside: mended, never refused (an error text is a payload's output: the
 # event's outcome must still be recorded)

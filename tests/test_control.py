@@ -38,6 +38,12 @@ from tests.test_store import queued_event, snapshot
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
+def bookkeeper_of(store: Store, broker: Broker) -> Bookkeeper:
+    """A bookkeeper alone (no control plane around it), with small batches."""
+    reissuer = Reissuer(store, broker, Releaser(store, broker, window=10))
+    return Bookkeeper(store, broker, Finisher(store, broker, lambda: None), reissuer, batch_size=50, linger=0.01)
+
+
 @pytest.fixture
 async def control(settings: Settings, store: Store, broker: Broker) -> AsyncIterator[ControlPlane]:
     cp = ControlPlane(settings, store, broker)
@@ -304,9 +310,7 @@ async def test_bookkeeper_holds_one_transaction_of_updates_decoded_the_rest_as_b
             ],
         )
         await broker.publish(broker.names.status, encode(batch))
-    bookkeeper = Bookkeeper(
-            store, broker, Finisher(store, broker, lambda: None), Reissuer(store, broker), batch_size=50, linger=0.01
-        )
+    bookkeeper = bookkeeper_of(store, broker)
     await bookkeeper.start()
     try:
         await eventually(lambda: asyncio.sleep(0, len(bookkeeper._pending) == 20), what="all 20 messages delivered")
@@ -337,9 +341,7 @@ async def test_status_messages_are_acked_only_after_the_finish_check_of_their_jo
     await broker.publish(broker.names.status, encode(StatusBatch(worker="w", updates=updates)))
 
     def bookkeeper() -> Bookkeeper:
-        return Bookkeeper(
-            store, broker, Finisher(store, broker, lambda: None), Reissuer(store, broker), batch_size=50, linger=0.01
-        )
+        return bookkeeper_of(store, broker)
 
     first = bookkeeper()
     await first.start()
@@ -382,9 +384,7 @@ async def test_a_batch_over_several_jobs_is_applied_in_transactions_side_by_side
     await broker.publish(
         broker.names.status, encode(StatusBatch(worker="w", updates=updates, logs=logs, heartbeat=beat))
     )
-    bookkeeper = Bookkeeper(
-            store, broker, Finisher(store, broker, lambda: None), Reissuer(store, broker), batch_size=50, linger=0.01
-        )
+    bookkeeper = bookkeeper_of(store, broker)
     assert bookkeeper.parallel == 2
     await bookkeeper.start()
     try:

@@ -5,12 +5,14 @@ announcements, statuses and dead letters, hung and killed workers. Real services
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -25,7 +27,7 @@ from dispatcher.replay import Selector, replay
 from dispatcher.retry import is_outage, patiently
 from dispatcher.store import Store
 from dispatcher.submit import submit
-from schemas.messages import SCHEMA_VERSION, DeadLetter, StatusBatch, StatusUpdate, decode, encode
+from schemas.messages import SCHEMA_VERSION, DeadLetter, Refused, StatusBatch, StatusUpdate, decode, encode
 from tests.conftest import ROOT
 from tests.helpers import eventually
 from tests.test_control import control as control
@@ -41,6 +43,8 @@ from tests.test_failures import (
     write_workflow,
 )
 from tests.test_failures import cluster as cluster
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 # -- outages are not bugs ----------------------------------------------------------------
 
@@ -369,3 +373,29 @@ def test_the_worker_and_the_control_plane_do_not_import_each_other() -> None:
         check=True,
     )
     assert out.stdout.strip() == "False"
+
+
+async def test_a_message_a_worker_refused_is_kept_in_the_dlq_but_never_replayed(
+    control: ControlPlane, store: Store, broker: Broker, tmp_path: Path
+) -> None:
+    # a worker may report a refused message, which the bookkeeper forwards to es.dlq: its
+    # body must not pass for a dead letter that replay would act on
+    job_id = await queued_job(store, tmp_path)
+    forged = DeadLetter(workflow_id=1, job_id=job_id, label="isr", number=0, payload="ok:forged", attempts=1, at=T0)
+    refused = Refused(source="es.jobs", reason="forged", body=base64.b64encode(encode(forged)).decode())
+    await broker.publish(broker.names.status, encode(StatusBatch(worker="w", refused=[refused])))
+    await eventually(lambda: broker.queue_depth(broker.names.dlq), what="the forwarded message")
+    outcomes = await replay(store, broker, Selector())
+    assert outcomes == []  # kept for a person to read, not replayed
+    assert await broker.queue_depth(broker.names.dlq) == 1
+
+
+async def test_invitations_announce_only_active_jobs_at_most_once_a_second(
+    store: Store, broker: Broker, tmp_path: Path
+) -> None:
+    job_id = await queued_job(store, tmp_path)
+    releaser = Releaser(store, broker, window=10)
+    await releaser.invite([job_id, job_id + 1000, job_id])  # one real, one forged
+    assert await broker.queue_depth(broker.names.jobs) == 1
+    await releaser.invite([job_id] * 50)  # a flood from one status batch
+    assert await broker.queue_depth(broker.names.jobs) == 1

@@ -182,7 +182,7 @@ async def test_a_failed_attempt_with_attempts_left_is_due_for_a_retry_then_a_dea
     # a status message delivered again (a crash before the retry was published): due again
     again = await store.apply_batch([update(job, n, 1, "failed", started_at=T0, ended_at=T0, exit_code=3)])
     assert [(d.status, d.attempt) for d in again.due] == [("retrying", 1)]
-    await store.issued([(d, T0) for d in again.due])
+    await store.published([(d, T0) for d in again.due])
     assert await state(store, job, n) == ("retrying", 1)  # its next attempt waits in a delay queue
     assert (await store.apply_batch([update(job, n, 1, "failed", ended_at=T0)])).due == []
     await store.apply([update(job, n, 2, "running", started_at=T0)])
@@ -198,7 +198,7 @@ async def test_returned_events_are_charged_only_if_postgres_saw_them_running(sto
     await store.apply([update(job, n, 1, "running", started_at=T0)])
     # n ran under w1, n + 1 never started (a broker failover, or w1's prefetch)
     returned = [
-        StatusUpdate(job_id=job, number=k, attempt=1, status="returned", worker="w2") for k in (n, n + 1)
+        StatusUpdate(job_id=job, number=k, attempt=1, status="returned", worker="w2", issue=0) for k in (n, n + 1)
     ]
     applied = await store.apply_batch(returned)
     assert sorted((d.number, d.status, d.attempt) for d in applied.due) == [(n, "queued", 2), (n + 1, "queued", 1)]
@@ -208,13 +208,19 @@ async def test_returned_events_are_charged_only_if_postgres_saw_them_running(sto
     # the history names who lost it, and when it had started
     assert (lost["status"], lost["worker"], lost["started_at"]) == ("failed", "w1", T0)
     assert "lost with its worker w1" in lost["error"]
-    # the same message again (a crash before its ack): the same events issued, nothing charged twice
+    assert [d.issue for d in applied.due] == [1, 1]  # new issues: the returned range is stale
+    # the same message again (a crash before the new issues were published): still due,
+    # nothing charged twice, no third issue
     again = await store.apply_batch(returned)
-    assert sorted((d.number, d.attempt) for d in again.due) == [(n, 2), (n + 1, 1)]
+    assert sorted((d.number, d.attempt, d.issue) for d in again.due) == [(n, 2, 1), (n + 1, 1, 1)]
     assert await store.pool.fetchval("SELECT count(*) FROM attempts") == 1
+    # once published, the stale range returned again (by a worker that died before its
+    # ack) reissues nothing: one range returned twice is not run twice
+    await store.published([(d, None) for d in again.due])
+    assert (await store.apply_batch(returned)).due == []
     # a worker that stops an event it runs gives it back at the same attempt
     await store.apply([update(job, n, 2, "running", started_at=T0)])
-    stopped = StatusUpdate(job_id=job, number=n, attempt=2, status="stopped", worker="w1")
+    stopped = StatusUpdate(job_id=job, number=n, attempt=2, status="stopped", worker="w1", issue=1)
     assert [(d.status, d.attempt) for d in (await store.apply_batch([stopped])).due] == [("queued", 2)]
 
 
@@ -310,10 +316,13 @@ async def test_a_range_returned_after_its_retry_was_issued_runs_nothing_twice(st
     job, n = await queued_event(store)
     await store.apply([update(job, n, 1, "running", started_at=T0)])
     failed = await store.apply_batch([update(job, n, 1, "failed", started_at=T0, ended_at=T0, exit_code=1)])
-    await store.issued([(d, T0) for d in failed.due])
-    returned = StatusUpdate(job_id=job, number=n, attempt=1, status="returned", worker="w2")
+    await store.published([(d, T0) for d in failed.due])
+    returned = StatusUpdate(job_id=job, number=n, attempt=1, status="returned", worker="w2", issue=0)
     assert (await store.apply_batch([returned])).due == []
     assert await state(store, job, n) == ("retrying", 1)
+    # the retry's own range returned (its worker held it unstarted and died): issued again
+    retry = StatusUpdate(job_id=job, number=n, attempt=2, status="returned", worker="w2", issue=1)
+    assert [(d.status, d.attempt) for d in (await store.apply_batch([retry])).due] == [("queued", 2)]
     # before the retry was published (a crash between the commit and the publish), the
     # return finds it due: published once, by whichever comes first
     job2 = await store.pool.fetchval("SELECT min(id) FROM jobs WHERE id > $1", job)
@@ -321,5 +330,24 @@ async def test_a_range_returned_after_its_retry_was_issued_runs_nothing_twice(st
     await store.mark_jobs_queued([job2])
     m = await store.pool.fetchval("SELECT min(number) FROM events WHERE job_id = $1", job2)
     await store.apply([update(job2, m, 1, "failed", started_at=T0, ended_at=T0, exit_code=1)])
-    back = StatusUpdate(job_id=job2, number=m, attempt=1, status="returned", worker="w2")
+    back = StatusUpdate(job_id=job2, number=m, attempt=1, status="returned", worker="w2", issue=0)
     assert [(d.status, d.attempt) for d in (await store.apply_batch([back])).due] == [("retrying", 1)]
+
+
+async def test_a_ready_event_returned_before_its_job_was_marked_queued_is_issued_again(store: Store) -> None:
+    # an early-announced job: a worker got a range and gave it back before the releaser
+    # marked the job's events queued
+    await submit(store, EXAMPLES / "rubin-isr.yaml")
+    job = await store.pool.fetchval("SELECT min(id) FROM jobs")
+    n = await store.pool.fetchval("SELECT min(number) FROM events WHERE job_id = $1", job)
+    stopped = StatusUpdate(job_id=job, number=n, attempt=1, status="stopped", worker="w1", issue=0)
+    assert [(d.status, d.attempt, d.issue) for d in (await store.apply_batch([stopped])).due] == [("queued", 1, 1)]
+
+
+async def test_a_job_nobody_can_set_up_fails_instead_of_being_announced_for_ever(store: Store) -> None:
+    job, n = await queued_event(store)
+    await store.pool.execute("UPDATE tasks SET max_attempts = 2")
+    assert await store.setup_failed(job, "set-up failed: exit code 1") == []
+    [due] = await store.setup_failed(job, "set-up failed: exit code 1")
+    assert (due.status, due.number, due.error) == ("failed", n, "set-up failed: exit code 1")
+    assert (await store.finish([job])).jobs == [(job, "failed")]

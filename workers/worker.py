@@ -6,8 +6,8 @@ worker consumes a job's queue with a bounded prefetch (``--prefetch``, default o
 per slot), so it never hides more than that from other workers. A slot does not wait
 for the confirm of its statuses: the range is acked in the background once they are safe
 in es.status. A larger prefetch keeps slots busy between a range's end and its ack (for
-payloads of a few milliseconds it is worth it), but a worker that dies then charges an
-attempt to the ranges it held without having started them. A job is
+payloads of a few milliseconds it is worth it); a worker that dies then charges nothing to
+the ranges it held without having started them (Postgres saw them queued). A job is
 found through an announcement on es.jobs, taken only while a slot is free; when a worker
 takes a job that has more ranges than it takes at once, it passes the announcement on so
 idle workers join.
@@ -62,14 +62,18 @@ from workers.reporter import StatusReporter
 
 log = logging.getLogger(__name__)
 
+# how long a worker stopping after its grace period waits to give back what it stopped
+GIVE_BACK_SECONDS = 10.0
+
 
 def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def refused(body: bytes, source: str, reason: str) -> Refused:
+def refused(body: bytes, source: str, reason: str, setup_failed: int | None = None) -> Refused:
     """A message this worker cannot take, for the control plane to dead-letter."""
-    return Refused(source=source, reason=reason, body=base64.b64encode(body[:700_000]).decode())
+    body64 = base64.b64encode(body[:700_000]).decode()
+    return Refused(source=source, reason=reason, body=body64, setup_failed=setup_failed)
 
 
 @dataclass
@@ -350,13 +354,13 @@ class Worker:
                     raise  # the announcement is not acked: it comes back
                 # cannot run this job here (e.g. its payload function does not import)
                 log.error("job set-up failed", extra={"job": spec.job_id, "error": repr(exc)})
-                await self._refuse(message.body, self.names.jobs, f"set-up failed: {exc!r}")
+                await self._refuse(message.body, self.names.jobs, f"set-up failed: {exc!r}", setup_failed=spec.job_id)
         await message.ack()
 
-    def _refuse(self, body: bytes, source: str, reason: str) -> Awaitable[None]:
+    def _refuse(self, body: bytes, source: str, reason: str, *, setup_failed: int | None = None) -> Awaitable[None]:
         """Report a message this worker will not take; resolves once that is confirmed."""
         log.warning("refused a message", extra={"source": source, "reason": storable(reason, 300)})
-        return self.reporter.report(refused=[refused(body, source, reason)])
+        return self.reporter.report(refused=[refused(body, source, reason, setup_failed)])
 
     # -- a job's life -----------------------------------------------------------------
 
@@ -445,7 +449,7 @@ class Worker:
             # The control plane charges an attempt for the events Postgres saw running
             # (and only those) and issues them again
             log.warning("range delivered again: returned to the control plane", extra={"job": job.spec.job_id})
-            return Ran(finals=[self._status(job, e.number, e.attempt, "returned") for e in rng.events])
+            return Ran(finals=[self._status(job, e, "returned") for e in rng.events])
         ran = Ran()
         finals = ran.finals
         try:
@@ -456,7 +460,7 @@ class Worker:
                     ran.rest = list(rng.events[i:])
                     break
                 if rng.confirm_start:  # came back once: its start must be on record first
-                    running = self._status(job, event.number, event.attempt, "running", started_at=now())
+                    running = self._status(job, event, "running", started_at=now())
                     await self.reporter.report([running])
                 outcome = await self._run_event(job, event, event.attempt, confirmed=rng.confirm_start)
                 if outcome is not None:
@@ -466,7 +470,11 @@ class Worker:
             # attempt unchanged (a shutdown is not a failure of the payload)
             done = {f.event.number if isinstance(f, Ended) else f.number for f in finals}
             ran.rest = [e for e in rng.events if e.number not in done]
-            await self._report_and_ack(job, message, ran)
+            # bounded: with the broker away the range stays unacked and comes back to the
+            # control plane with the connection instead
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(GIVE_BACK_SECONDS):
+                    await self._report_and_ack(job, message, ran)
             raise
         return ran
 
@@ -480,7 +488,7 @@ class Worker:
                 f = self._update(job, f.event, f.attempt, f.outcome)
             finals.append(f)
         if not job.cancelled:  # a cancelled job's events are cancelled already
-            finals += [self._status(job, e.number, e.attempt, "stopped") for e in ran.rest]
+            finals += [self._status(job, e, "stopped") for e in ran.rest]
         events = len({u.number for u in finals if u.status in ("finished", "failed")})
         job.events_done += events
         self.events_done += events
@@ -492,10 +500,19 @@ class Worker:
             await job.queue.ack(message)
 
     def _status(
-        self, job: Job, number: int, attempt: int, status: EventStatus, started_at: datetime | None = None
+        self, job: Job, event: EventSpec, status: EventStatus, started_at: datetime | None = None
     ) -> StatusUpdate:
+        """A status of an event that has no outcome (yet): running, returned, stopped.
+        A range given back names its issue: a stale one reissues nothing."""
+        issue = event.issue if status in ("returned", "stopped") else None
         return StatusUpdate(
-            job_id=job.spec.job_id, number=number, attempt=attempt, status=status, worker=self.id, started_at=started_at
+            job_id=job.spec.job_id,
+            number=event.number,
+            attempt=event.attempt,
+            status=status,
+            worker=self.id,
+            started_at=started_at,
+            issue=issue,
         )
 
     async def _run_event(self, job: Job, event: EventSpec, attempt: int, *, confirmed: bool = False) -> Outcome | None:

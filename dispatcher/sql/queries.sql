@@ -109,9 +109,20 @@ WHERE j.id = ANY($1::bigint[])
 ORDER BY j.id;
 
 -- name: job_events
-SELECT number, payload, greatest(attempt, 1) AS attempt
+SELECT number, payload, greatest(attempt, 1) AS attempt, issue
 FROM events WHERE job_id = $1 AND status IN ('ready', 'queued')
 ORDER BY number;
+
+-- name: reissue_stale_jobs
+-- Jobs a dead control plane left half-published get new copies of what has not started
+-- (their queue was purged of its ready ranges; held ones are now stale), retries whose
+-- range should have reached the purged queue by now included.
+UPDATE events SET issue = issue + 1,
+                  status = CASE WHEN status = 'retrying' THEN 'queued' ELSE status END,
+                  attempt = CASE WHEN status = 'retrying' THEN attempt + 1 ELSE attempt END,
+                  retry_at = NULL
+WHERE job_id = ANY($1::bigint[])
+  AND (status IN ('ready', 'queued') OR (status = 'retrying' AND NOT unpublished AND retry_at <= now()));
 
 -- name: mark_jobs_queued
 WITH j AS (
@@ -159,6 +170,9 @@ WITH u AS (
         ended_at = n.ended_at,
         exit_code = n.exit_code,
         error = n.error,
+        -- a retry is a new copy, to be published by the control plane
+        issue = CASE WHEN n.status = 'failed' AND n.attempt < n.max_attempts THEN e.issue + 1 ELSE e.issue END,
+        unpublished = n.status = 'failed' AND n.attempt < n.max_attempts,
         retry_at = NULL
     FROM (
         -- one row per event, its newest update: an UPDATE joined to several rows of one
@@ -202,26 +216,25 @@ SELECT coalesce((SELECT array_agg(DISTINCT job_id) FROM moved), '{}') AS moved,
 -- Attempts are charged from what Postgres saw, never from a broker's redelivered flag:
 -- an event returned while Postgres saw it running lost that attempt with its worker,
 -- which is recorded as a failed attempt of that worker, with its start, and the next
--- attempt is issued (or, out of attempts, the event fails). An event still queued at
--- that attempt never started (a broker failover, a worker's prefetch): nothing is
--- charged. A stopped event goes back at its attempt. One queued at the next attempt
--- was charged already (this is a message delivered again). The rows returned as
--- 'queued' are issued again by the caller; 'failed' ones get their dead letter.
+-- attempt is issued (or, out of attempts, the event fails). An event not started (ready,
+-- queued, or retrying with its next attempt's range returned) goes back at the attempt
+-- last issued, charged nothing, but only if the range is the copy in flight: a stale copy
+-- (reissued since) reissues nothing, so a range returned twice is not published twice.
+-- A stopped event goes back at its attempt. Each row updated becomes a new copy, marked
+-- unpublished until the caller has published it ('queued'), or failed for its dead letter.
 WITH r AS (
     SELECT DISTINCT ON (job_id, number) *
-    FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::text[])
-         AS r(job_id, number, attempt, how, worker)
+    FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::text[], $6::int[])
+         AS r(job_id, number, attempt, how, worker, issue)
     ORDER BY job_id, number, attempt DESC
 ), k AS (
-    SELECT e.job_id, e.number, e.attempt, e.worker AS holder, e.started_at, t.max_attempts,
+    SELECT e.job_id, e.number, e.status, e.attempt, e.worker AS holder, e.started_at, t.max_attempts,
            CASE WHEN e.status = 'running' AND r.attempt = e.attempt
                      AND NOT (r.how = 'stopped' AND r.worker = e.worker) THEN 'lost'
-                WHEN e.status IN ('queued', 'running') AND r.attempt = e.attempt THEN 'again'
-                -- charged by this same return before (its message is delivered again): not
-                -- when the attempt failed by itself, whose retry is in a delay queue already
-                WHEN e.status = 'queued' AND r.attempt = e.attempt - 1
-                     AND EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = e.job_id AND a.number = e.number
-                                 AND a.attempt = r.attempt AND a.error LIKE 'lost with its worker %') THEN 'again'
+                WHEN e.status = 'running' AND r.attempt = e.attempt THEN 'again'
+                WHEN e.status IN ('ready', 'queued', 'retrying') AND r.issue = e.issue
+                     AND r.attempt = CASE WHEN e.status = 'retrying' THEN e.attempt + 1
+                                          ELSE greatest(e.attempt, 1) END THEN 'again'
            END AS action
     FROM r
     JOIN events e ON e.job_id = r.job_id AND e.number = r.number
@@ -237,34 +250,37 @@ WITH r AS (
 )
 UPDATE events e SET
     status = CASE WHEN k.action = 'lost' AND k.attempt >= k.max_attempts THEN 'failed' ELSE 'queued' END,
-    attempt = CASE WHEN k.action = 'lost' AND k.attempt < k.max_attempts THEN k.attempt + 1 ELSE e.attempt END,
+    attempt = CASE WHEN k.action = 'lost' AND k.attempt < k.max_attempts THEN k.attempt + 1
+                   WHEN k.status = 'retrying' THEN k.attempt + 1
+                   ELSE greatest(k.attempt, 1) END,
+    issue = e.issue + 1,
+    unpublished = NOT (k.action = 'lost' AND k.attempt >= k.max_attempts),
+    retry_at = NULL,
     ended_at = CASE WHEN k.action = 'lost' THEN clock_timestamp() ELSE e.ended_at END,
     error = CASE WHEN k.action = 'lost' THEN 'lost with its worker ' || coalesce(k.holder, 'unknown') ELSE e.error END
 FROM k
 WHERE e.job_id = k.job_id AND e.number = k.number AND k.action IS NOT NULL
-RETURNING e.job_id, e.number, e.status, e.attempt, e.payload;
+  -- as read above: not moved meanwhile by a transaction that committed first
+  AND e.status = k.status AND e.attempt = k.attempt
+RETURNING e.job_id, e.number, e.status;
 
 -- name: followups
--- Events of these keys that wait for the control plane: a next attempt to issue
--- ('retrying'), a dead letter to write ('failed', none confirmed yet), or, for the keys
--- flagged "again" (they came back and are queued again), a range to publish at once. A
--- status message delivered again after a crash finds them here again.
-SELECT DISTINCT ON (e.job_id, e.number)
-       e.job_id, e.number, e.status, e.attempt, e.payload, e.worker, e.error, j.workflow_id, t.label,
-       t.retry_delay, t.events_per_range
-FROM unnest($1::bigint[], $2::bigint[], $3::boolean[]) AS k(job_id, number, again)
+-- Events of these keys that wait for the control plane: a copy to publish (a retry into a
+-- delay queue, or an event that came back into its job's queue), or a dead letter to
+-- write. A status message delivered again after a crash finds them here again.
+SELECT e.job_id, e.number, e.status, e.attempt, e.issue, e.payload, e.worker, e.error, j.workflow_id,
+       j.status IN ('releasing', 'queued', 'running') AS job_active, t.label, t.retry_delay, t.events_per_range
+FROM (SELECT DISTINCT * FROM unnest($1::bigint[], $2::bigint[]) AS k(job_id, number)) k
 JOIN events e ON e.job_id = k.job_id AND e.number = k.number
 JOIN jobs j ON j.id = e.job_id
 JOIN tasks t ON t.id = e.task_id
-WHERE (e.status = 'retrying' AND e.retry_at IS NULL) OR (e.status = 'failed' AND e.dead_at IS NULL)
-   OR (k.again AND e.status = 'queued')
-ORDER BY e.job_id, e.number;
+WHERE (e.unpublished AND e.status IN ('retrying', 'queued')) OR (e.status = 'failed' AND e.dead_at IS NULL);
 
--- name: mark_retries_issued
--- Their next attempt is in a delay queue, due at the given times.
-UPDATE events e SET retry_at = k.due
-FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::timestamptz[]) AS k(job_id, number, attempt, due)
-WHERE e.job_id = k.job_id AND e.number = k.number AND e.status = 'retrying' AND e.attempt = k.attempt;
+-- name: mark_published
+-- These copies are confirmed in RabbitMQ (a retry's due at the time given).
+UPDATE events e SET unpublished = false, retry_at = k.due
+FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::timestamptz[]) AS k(job_id, number, issue, due)
+WHERE e.job_id = k.job_id AND e.number = k.number AND e.issue = k.issue AND e.unpublished;
 
 -- name: mark_dead_lettered
 UPDATE events e SET dead_at = now()
@@ -392,7 +408,7 @@ SELECT id FROM jobs
 WHERE workflow_id IN (SELECT id FROM w) AND status IN ('releasing', 'queued', 'running');
 
 -- name: dead_event
-SELECT e.status, e.attempt, e.payload, j.workflow_id, w.status AS workflow_status
+SELECT e.status, e.attempt, e.issue, e.payload, j.workflow_id, w.status AS workflow_status
 FROM events e JOIN jobs j ON j.id = e.job_id JOIN workflows w ON w.id = j.workflow_id
 WHERE e.job_id = $1 AND e.number = $2;
 
@@ -401,10 +417,10 @@ WHERE e.job_id = $1 AND e.number = $2;
 -- its job, task and workflow run again, and the tasks cancelled because this one failed
 -- wait again for it. Returns what to publish: the payload is Postgres's, never a dead letter's.
 WITH e AS (
-    UPDATE events SET status = 'queued', attempt = attempt + 1, replays = replays + 1, error = NULL,
-                      exit_code = NULL, ended_at = NULL, dead_at = NULL
+    UPDATE events SET status = 'queued', attempt = attempt + 1, issue = issue + 1, replays = replays + 1,
+                      error = NULL, exit_code = NULL, ended_at = NULL, dead_at = NULL
     WHERE job_id = $1 AND number = $2 AND status = 'failed' AND attempt = $3
-    RETURNING job_id, attempt, payload
+    RETURNING job_id, attempt, issue, payload
 ), j AS (
     UPDATE jobs SET status = 'queued', finished_at = NULL
     WHERE id IN (SELECT job_id FROM e) RETURNING task_id, workflow_id
@@ -415,7 +431,7 @@ WITH e AS (
     UPDATE workflows SET status = 'running', finished_at = NULL
     WHERE id IN (SELECT workflow_id FROM j) RETURNING id
 )
-SELECT job_id, attempt, payload FROM e;
+SELECT job_id, attempt, issue, payload FROM e;
 
 -- name: reopen_cancelled_descendants
 -- After a replay: tasks cancelled only because a parent failed wait again.
@@ -494,3 +510,18 @@ SELECT count(*) FILTER (WHERE attempt > 1) AS retries, count(*) AS attempts FROM
 
 -- name: metrics_workers
 SELECT status, count(*) AS n FROM workers GROUP BY status;
+
+-- name: setup_failed
+-- A worker could not set the job up. Once as many workers failed as the task has
+-- attempts, the job cannot run anywhere: its events fail (their dead letters follow),
+-- instead of the job being announced for ever.
+WITH j AS (
+    UPDATE jobs j SET setup_failures = j.setup_failures + 1
+    FROM tasks t
+    WHERE j.id = $1 AND t.id = j.task_id AND j.status IN ('releasing', 'queued', 'running')
+    RETURNING j.id, j.setup_failures >= t.max_attempts AS given_up
+)
+UPDATE events e SET status = 'failed', error = $2, ended_at = now(), unpublished = false
+FROM j
+WHERE e.job_id = j.id AND j.given_up AND e.status IN ('ready', 'queued', 'retrying')
+RETURNING e.job_id, e.number;

@@ -60,6 +60,7 @@ CREATE TABLE jobs (
     queued_at     timestamptz,
     started_at    timestamptz,
     finished_at   timestamptz,
+    setup_failures integer NOT NULL DEFAULT 0,  -- workers whose set-up of it failed (0006)
     UNIQUE (task_id, seq)
 );
 CREATE INDEX jobs_workflow ON jobs (workflow_id);
@@ -82,8 +83,12 @@ CREATE TABLE events (
     exit_code   integer,
     error       text,
     replays     integer NOT NULL DEFAULT 0,
-    retry_at    timestamptz,  -- retrying: its next attempt is in a delay queue, due then (0006)
-    dead_at     timestamptz,  -- failed: its dead letter confirmed in es.dlq (0006)
+    -- migration 0006: the issue (publication) of its range in flight (older ones are stale), a copy decided
+    -- but not yet confirmed in RabbitMQ, when a retry is due, when its dead letter was confirmed
+    issue       integer NOT NULL DEFAULT 0,
+    unpublished boolean NOT NULL DEFAULT false,
+    retry_at    timestamptz,
+    dead_at     timestamptz,
     PRIMARY KEY (job_id, number),
     UNIQUE (task_id, number)
 ) WITH (fillfactor = 50);  -- room in each page for HOT updates (migration 0004)
