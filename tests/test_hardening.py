@@ -105,19 +105,27 @@ async def test_a_batch_the_database_refuses_is_applied_message_by_message(
 ) -> None:
     # any value the database refuses for good (not an outage) stands for all of them:
     # here a constraint of this test's own database
-    job_id = await queued_job(store, tmp_path)
+    job_id = await queued_job(store, tmp_path, n=4)
     await store.pool.execute("ALTER TABLE attempts ADD CONSTRAINT no_boom CHECK (error IS DISTINCT FROM 'boom')")
-    for body in (finished(job_id, 0), finished(job_id, 1, error="boom"), finished(job_id, 2)):
+    # the bad message also holds a good update (event 3), whose range is acked already
+    bad = StatusBatch(
+        worker="w",
+        updates=[
+            StatusUpdate(job_id=job_id, number=1, attempt=1, status="finished", worker="w", error="boom"),
+            StatusUpdate(job_id=job_id, number=3, attempt=1, status="finished", worker="w"),
+        ],
+    )
+    for body in (finished(job_id, 0), encode(bad), finished(job_id, 2)):
         await broker.publish(broker.names.status, body)  # in one batch: the control plane is not up yet
     cp = ControlPlane(settings, store, broker)
     stop = asyncio.Event()
     task = asyncio.create_task(cp.run(stop))
     try:
         [(body, reason)] = await dlq_reasons(broker, 1)
-        assert body == finished(job_id, 1, error="boom")
+        assert body == encode(bad)
         assert "the database refused this status message" in reason and "no_boom" in reason
         statuses = await store.pool.fetch("SELECT number, status FROM events WHERE job_id = $1 ORDER BY 1", job_id)
-        assert [tuple(r) for r in statuses] == [(0, "finished"), (1, "queued"), (2, "finished")]
+        assert [tuple(r) for r in statuses] == [(0, "finished"), (1, "queued"), (2, "finished"), (3, "finished")]
         # and the bookkeeper goes on
         await broker.publish(broker.names.status, finished(job_id, 1))
         await eventually(
