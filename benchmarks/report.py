@@ -217,7 +217,9 @@ def plot(report: dict[str, Any], path: Path) -> bool:
 def main() -> None:
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results" / "report.json"
     report = json.loads(path.read_text())
-    path.with_suffix(".md").write_text(markdown(report))
+    from benchmarks import recovery  # it imports benchmarks.run, which imports this module
+
+    path.with_suffix(".md").write_text(markdown(report) + recovery.markdown(report))
     plot(report, path.with_suffix(".png"))
     print(path.with_suffix(".md"))
 

@@ -19,6 +19,11 @@ Scenarios:
   latency       submit -> first event running; event done -> recorded in Postgres
   scale         submit 1,000,000 events: time and peak memory of `dispatcher submit`,
                 and of the control plane while it releases them
+  recovery      a worker SIGKILLed again and again: seconds until its lost events run
+                again, range sizes 1, 10, 100 (benchmarks/recovery.py)
+
+--merge keeps the other sections of the report already in --out: `--only recovery
+--merge` adds the recovery section to the last full report instead of replacing it.
 """
 
 from __future__ import annotations
@@ -640,9 +645,11 @@ TARGETS = [
     # each payload at its nominal 50 ms (so their sleeps' late wake-ups count against us)
     (
         "dispatch overhead < 1 ms per event (EventService), payload time as measured",
-        lambda r: r.get("eventservice", {})
-        .get("with_eventservice", {})
-        .get("dispatch_overhead_ms_per_event_measured_payload"),
+        lambda r: (
+            r.get("eventservice", {})
+            .get("with_eventservice", {})
+            .get("dispatch_overhead_ms_per_event_measured_payload")
+        ),
         1.0,
         "<",
     ),
@@ -655,6 +662,12 @@ TARGETS = [
     ("submit -> first event < 100 ms", lambda r: r.get("latency", {}).get("submit_to_first_running_ms"), 100, "<"),
     ("bookkeeping p99 < 1 s", lambda r: r.get("latency", {}).get("bookkeeping_p99_ms"), 1000, "<"),
     ("1,000,000 events submitted < 30 s", lambda r: r.get("scale", {}).get("submit_seconds"), 30, "<"),
+    (
+        "lost work running again after SIGKILL: p90 < 5 s at every range size",
+        lambda r: r.get("recovery", {}).get("worst_p90_s"),
+        5.0,  # benchmarks/recovery.py: TARGET_P90_SECONDS
+        "<",
+    ),
     ("submit peak memory < 300 MiB", lambda r: r.get("scale", {}).get("submit_peak_rss_mib"), 300, "<"),
     (
         "control plane peak memory < 300 MiB",
@@ -670,11 +683,14 @@ async def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one run (the tests use it)")
     parser.add_argument("--full", action="store_true", help="scenario 3 without EventService on all payloads")
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 3, quick 1)")
-    parser.add_argument("--only", default="throughput,celery,eventservice,latency,scale")
+    parser.add_argument("--only", default="throughput,celery,eventservice,latency,scale,recovery")
+    parser.add_argument("--merge", action="store_true", help="keep the report's sections of scenarios not run")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--events", type=int, default=None, help="events for throughput and celery")
     parser.add_argument("--ranges", default="1,10,100", help="range sizes for throughput")
     args = parser.parse_args()
+    from benchmarks import recovery  # it imports this module's Namespace
+
     sizes = QUICK if args.quick else Sizes()
     if args.events:
         sizes = replace(sizes, throughput=args.events, celery=args.events)
@@ -703,18 +719,25 @@ async def main() -> None:
     if "scale" in only:
         report["scale"] = await scale(settings, sizes)
         print(f"  scale: {report['scale']}", flush=True)
+    if "recovery" in only:
+        report["recovery"] = await recovery.recovery(settings, args.quick)
     report["seconds"] = round(time.perf_counter() - t0, 1)
+    stem = "report-quick" if args.quick else "report"
+    if args.merge and (args.out / f"{stem}.json").exists():
+        # the earlier run's sections, date and time stay; what ran now replaces its own
+        earlier = json.loads((args.out / f"{stem}.json").read_text())
+        report = earlier | {k: v for k, v in report.items() if k in only}
     report["targets"] = {}
     for name, get, bound, op in TARGETS:
         value = get(report)
         met = None if value is None else (value >= bound if op == ">=" else value < bound)
         report["targets"][name] = {"measured": value, "met": {True: "yes", False: "no", None: "-"}[met]}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "report-quick" if args.quick else "report"
+    page = markdown(report) + recovery.markdown(report)
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
-    (args.out / f"{stem}.md").write_text(markdown(report))
+    (args.out / f"{stem}.md").write_text(page)
     drawn = plot(report, args.out / f"{stem}.png")
-    print(markdown(report))
+    print(page)
     print(f"report: {args.out / stem}.md, .json" + (", .png" if drawn else ""))
 
 
