@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from dispatcher.broker import Broker
 from dispatcher.retry import is_outage
@@ -38,6 +38,9 @@ class StatusReporter:
         self._waiters: list[asyncio.Future[None]] = []
         self._has_work = asyncio.Event()
         self._urgent = asyncio.Event()
+        # called before each batch is published: what the batch reports must be on disk
+        # first (the job logs), so that a worker killed after sending has lost nothing
+        self.before_publish: Callable[[], None] | None = None
 
     def _add(self, updates: Iterable[StatusUpdate]) -> None:
         for u in updates:
@@ -109,6 +112,8 @@ class StatusReporter:
         waiters, self._waiters = self._waiters, []
         self._has_work.clear()
         self._urgent.clear()
+        if self.before_publish is not None:
+            self.before_publish()
         if updates or logs or refused or invite or beat is not None:
             batch = StatusBatch(
                 worker=self.worker, updates=updates, logs=logs, heartbeat=beat, refused=refused, invite=invite

@@ -141,6 +141,7 @@ class Worker:
         self.grace = grace
         self.heartbeat_interval = heartbeat_interval
         self.reporter = StatusReporter(broker, self.id)
+        self.reporter.before_publish = self._flush_logs
         self.jobs: dict[int, Job] = {}
         self.events_done = 0
         self.started_at = now()
@@ -194,6 +195,10 @@ class Worker:
             if not task.cancelled() and task.exception():
                 raise task.exception()  # type: ignore[misc]
         log.info("worker stopped", extra={"worker": self.id, "events": self.events_done})
+
+    def _flush_logs(self) -> None:
+        for job in self.jobs.values():
+            job.log.flush()
 
     # -- heartbeats and control -------------------------------------------------------
 
@@ -428,6 +433,7 @@ class Worker:
             f"=== job {what} {outcome.status} exit_code={outcome.exit_code} at {outcome.ended_at.isoformat()} "
             f"duration={took:.3f}s\n",
         )
+        job_log.flush()
         if fail and outcome.status != "finished":
             raise SetupFailed(f"job {what} failed: {outcome.error}")
 

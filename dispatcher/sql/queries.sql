@@ -156,28 +156,30 @@ WITH u AS (
                 $6::timestamptz[], $7::timestamptz[], $8::int[], $9::text[])
          AS u(job_id, number, attempt, status, worker, started_at, ended_at, exit_code, error)
 ), k AS (
-    SELECT u.*, t.max_attempts, e.job_id IS NOT NULL AS known,
+    SELECT u.*, e.task_id, e.job_id IS NOT NULL AS known,
            e.job_id IS NOT NULL AND u.attempt <= greatest(e.attempt, 1) + (e.status = 'retrying')::int AS issued
     FROM u
     LEFT JOIN events e ON e.job_id = u.job_id AND e.number = u.number
-    LEFT JOIN tasks t ON t.id = e.task_id
 ), moved AS (
     UPDATE events e SET
-        status = CASE WHEN n.status = 'failed' AND n.attempt < n.max_attempts THEN 'retrying' ELSE n.status END,
+        status = CASE WHEN n.retry THEN 'retrying' ELSE n.status END,
         attempt = n.attempt,
         worker = n.worker,
         started_at = coalesce(n.started_at, CASE WHEN n.attempt = e.attempt THEN e.started_at END),
         ended_at = n.ended_at,
         exit_code = n.exit_code,
         error = n.error,
-        -- a retry is a new copy, to be published by the control plane
-        issue = CASE WHEN n.status = 'failed' AND n.attempt < n.max_attempts THEN e.issue + 1 ELSE e.issue END,
-        unpublished = n.status = 'failed' AND n.attempt < n.max_attempts,
+        -- a retry is a new issue, to be published by the control plane
+        issue = CASE WHEN n.retry THEN e.issue + 1 ELSE e.issue END,
+        unpublished = n.retry,
         retry_at = NULL
     FROM (
         -- one row per event, its newest update: an UPDATE joined to several rows of one
-        -- event would apply an arbitrary one (a batch may hold several attempts of it)
-        SELECT DISTINCT ON (job_id, number) *
+        -- event would apply an arbitrary one (a batch may hold several attempts of it);
+        -- a failure is retried if the task has attempts left (looked up for failures only)
+        SELECT DISTINCT ON (job_id, number) *,
+               CASE WHEN status <> 'failed' THEN false
+                    ELSE attempt < (SELECT t.max_attempts FROM tasks t WHERE t.id = k.task_id) END AS retry
         FROM k
         WHERE issued
         ORDER BY job_id, number, attempt DESC, es_status_rank(status) DESC
@@ -200,14 +202,14 @@ WITH u AS (
         error = excluded.error,
         recorded_at = clock_timestamp()
     WHERE es_status_rank(excluded.status) > es_status_rank(a.status)
-    RETURNING 1
 )
 SELECT coalesce((SELECT array_agg(DISTINCT job_id) FROM moved), '{}') AS moved,
-       (SELECT count(*) FROM recorded) AS recorded,
-       coalesce((SELECT array_agg(job_id) FROM k WHERE NOT issued), '{}') AS refused_jobs,
-       coalesce((SELECT array_agg(number) FROM k WHERE NOT issued), '{}') AS refused_numbers,
-       coalesce((SELECT array_agg(attempt) FROM k WHERE NOT issued), '{}') AS refused_attempts,
-       coalesce((SELECT array_agg(known) FROM k WHERE NOT issued), '{}') AS refused_known;
+       coalesce(array_agg(job_id), '{}') AS refused_jobs,
+       coalesce(array_agg(number), '{}') AS refused_numbers,
+       coalesce(array_agg(attempt), '{}') AS refused_attempts,
+       coalesce(array_agg(known), '{}') AS refused_known
+FROM k
+WHERE NOT issued;
 
 -- name: return_events
 -- Events that came back to the control plane: 'returned' (their range was delivered
