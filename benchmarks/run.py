@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import platform
-import re
 import signal
 import statistics
 import subprocess
@@ -54,6 +53,7 @@ import asyncpg
 from benchmarks.report import markdown, plot
 from dispatcher import migrate
 from dispatcher.config import Settings
+from workers.joblog import job_commands
 
 ROOT = Path(__file__).resolve().parent.parent
 # workers for no-op payloads: 4 slots, and 64 ranges held so that slots never wait for
@@ -422,27 +422,6 @@ async def celery(settings: Settings, sizes: Sizes, runs: int, ours_per_s: float 
 
 
 # -- scenario 3 ------------------------------------------------------------------------
-
-
-@dataclass
-class JobCommand:
-    what: str  # set-up or tear-down (the log upload)
-    worker: str
-    start: float
-    end: float
-
-
-def job_commands(log: str) -> list[JobCommand]:
-    """The set-ups and tear-downs a job log records, with their worker and times."""
-    found = []
-    opened: tuple[str, str, float] | None = None
-    for line in log.splitlines():
-        if m := re.match(r"=== job (set-up|tear-down): .* worker (\S+) at (\S+)$", line):
-            opened = (m[1], m[2], datetime.fromisoformat(m[3]).timestamp())
-        elif (m := re.match(r"=== job (set-up|tear-down) \w+ exit_code=\S+ at (\S+) ", line)) and opened:
-            found.append(JobCommand(opened[0], opened[1], opened[2], datetime.fromisoformat(m[2]).timestamp()))
-            opened = None
-    return found
 
 
 def covered(spans: list[tuple[float, float]], since: float) -> float:

@@ -103,6 +103,12 @@ class Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
 
 
+def job_log_path(log_dir: Path, workflow_id: int, job_id: int) -> Path:
+    """Where a job's one log is: derived from ids only, by the workers that write it and
+    the monitor that serves it (never from a path a message names)."""
+    return log_dir / f"workflow-{workflow_id}" / f"job-{job_id}.log"
+
+
 def redact(url: str) -> str:
     """A URL fit for a log line: the password replaced by ***."""
     parts = urlsplit(url)

@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 # a claim older than this belongs to a control plane that died while publishing
 STALE_CLAIM_SECONDS = 30.0
 # how often jobs with ranges ready and no consumer are looked for (their only worker
-# died: RabbitMQ gave its ranges back at once, but nobody consumes them), at most
-UNCONSUMED_CHECK_SECONDS = 1.0
+# died: RabbitMQ gave its ranges back at once, but nobody consumes them), at most; a job
+# is announced once found so twice in a row (a worker that just took its announcement
+# and sets it up says so with its next heartbeat, a moment later)
+UNCONSUMED_CHECK_SECONDS = 0.5
 
 
 class ControlPlane:
@@ -39,6 +41,7 @@ class ControlPlane:
         self.releaser = Releaser(store, broker, window=settings.release_window)
         self.finisher = Finisher(store, broker, on_task_end=self.releaser.wake)
         self.reissuer = Reissuer(store, broker, self.releaser)
+        self._seen_unconsumed: set[int] = set()  # jobs found with ranges and no consumer last round
         self.bookkeeper = Bookkeeper(
             store, broker, self.finisher, self.reissuer, batch_size=settings.batch_size, linger=settings.batch_linger
         )
@@ -140,10 +143,14 @@ class ControlPlane:
         waiting = await self.broker.queue_depth(names.jobs) or 0
         clock = time.monotonic()
         unconsumed = []
-        for job_id in await self.store.active_jobs():
+        seen, self._seen_unconsumed = self._seen_unconsumed, set()
+        for job_id in await self.store.jobs_not_being_set_up():
             state = await self.broker.queue_state(names.job(job_id))
             if state is None or state[0] == 0 or state[1] > 0:
                 continue
+            self._seen_unconsumed.add(job_id)
+            if job_id not in seen:
+                continue  # the first sighting: a worker may be taking it up right now
             last = self.releaser.announced.get(job_id)
             if waiting and last is not None and clock - last < REANNOUNCE_SECONDS:
                 continue  # its announcement likely waits for a free worker

@@ -36,6 +36,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from dispatcher.broker import Broker
+from dispatcher.config import job_log_path
 from dispatcher.metrics import render_metrics
 from dispatcher.replay import Selector, cancel, replay
 from dispatcher.status import EVENT_STATES, terminal
@@ -58,7 +59,6 @@ from schemas.api import (
     WorkflowSummary,
 )
 from schemas.text import INT64_MAX
-from workers.joblog import log_path
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def _local(target: str | None) -> str:
 
 
 def log_file(log_dir: FilePath | None, workflow_id: int, job_id: int) -> FilePath | None:
-    """A job's log where workers write it (``workers.joblog.log_path``), resolved, if it is
+    """A job's log where workers write it (``dispatcher.config.job_log_path``), resolved, if it is
     a file inside the resolved log directory. The path is derived from the ids: a path
     taken from a worker's message could name any file (/etc/passwd), and a symlink in the
     directory could point anywhere."""
@@ -139,7 +139,7 @@ def log_file(log_dir: FilePath | None, workflow_id: int, job_id: int) -> FilePat
         return None
     try:
         root = log_dir.resolve(strict=True)
-        path = log_path(root, workflow_id, job_id).resolve(strict=True)
+        path = job_log_path(root, workflow_id, job_id).resolve(strict=True)
     except (OSError, RuntimeError):  # missing, or a symlink loop
         return None
     if not path.is_relative_to(root) or not path.is_file():

@@ -275,7 +275,17 @@ class Store:
                 await conn.executemany(
                     q("upsert_worker"),
                     [
-                        (worker, hb.host, hb.pid, hb.slots, hb.state, hb.jobs, hb.events_done, hb.started_at)
+                        (
+                            worker,
+                            hb.host,
+                            hb.pid,
+                            hb.slots,
+                            hb.state,
+                            hb.jobs,
+                            hb.events_done,
+                            hb.started_at,
+                            hb.setting_up,
+                        )
                         for worker, hb in heartbeats
                     ],
                 )
@@ -360,6 +370,9 @@ class Store:
     async def active_jobs(self) -> list[int]:
         """Jobs whose queue may hold ranges (the release window: a bounded number)."""
         return [r["id"] for r in await self.pool.fetch(q("active_jobs"))]
+
+    async def jobs_not_being_set_up(self) -> list[int]:
+        return [r["id"] for r in await self.pool.fetch(q("jobs_not_being_set_up"))]
 
     async def unattended_jobs(self) -> list[int]:
         return [r["id"] for r in await self.pool.fetch(q("unattended_jobs"))]

@@ -121,6 +121,7 @@ class Heartbeat(BaseModel):
     slots: PosInt32
     state: Literal["live", "stopping", "stopped"]
     jobs: Annotated[list[Id], Field(max_length=100_000)] = []  # jobs this worker is serving now
+    setting_up: Annotated[list[Id], Field(max_length=10_000)] = []  # ... and setting up (not consumed yet)
     events_done: NonNegInt64 = 0
     started_at: datetime
 

@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 import yaml
 
-from benchmarks.run import job_commands
 from dispatcher.broker import Broker
 from dispatcher.config import Settings
 from dispatcher.control import ControlPlane
@@ -27,6 +26,7 @@ from dispatcher.store import Store
 from dispatcher.submit import submit
 from schemas.messages import DeadLetter, EventRange, StatusUpdate, decode
 from tests.helpers import eventually
+from workers.joblog import job_commands
 from workers.worker import Worker
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -27,7 +27,16 @@ from dispatcher.replay import Selector, replay
 from dispatcher.retry import is_outage, patiently
 from dispatcher.store import Store
 from dispatcher.submit import submit
-from schemas.messages import SCHEMA_VERSION, DeadLetter, Refused, StatusBatch, StatusUpdate, decode, encode
+from schemas.messages import (
+    SCHEMA_VERSION,
+    DeadLetter,
+    Heartbeat,
+    Refused,
+    StatusBatch,
+    StatusUpdate,
+    decode,
+    encode,
+)
 from tests.conftest import ROOT
 from tests.helpers import eventually
 from tests.test_control import control as control
@@ -290,10 +299,19 @@ async def test_a_job_with_ranges_and_no_consumer_is_announced_at_once(
     ch = await broker.channel()
     await (await ch.get_queue(broker.names.jobs, ensure=False)).purge()
     await ch.close()
+    # a worker setting the job up consumes its queue only once set up: not announced
+    beat = Heartbeat(host="h", pid=1, slots=1, state="live", setting_up=[job_id], started_at=T0)
+    await store.apply([], heartbeats=[("w", beat)])
+    assert await cp.announce_unconsumed() == []
+    assert await cp.announce_unconsumed() == []
+    # that worker died during its set-up (lost), or none is on it: found twice in a row
+    await store.apply([], heartbeats=[("w", beat.model_copy(update={"setting_up": []}))])
+    assert await cp.announce_unconsumed() == []  # the first sighting: a worker may be taking it up
     assert await cp.announce_unconsumed() == [job_id]
     assert await broker.queue_depth(broker.names.jobs) == 1
     consumer = await broker.open_job(broker.names.job(job_id))
     try:  # consumed: nothing to announce
+        assert await cp.announce_unconsumed() == []
         assert await cp.announce_unconsumed() == []
     finally:
         await consumer.close()
@@ -373,7 +391,8 @@ def test_the_worker_and_the_control_plane_do_not_import_each_other() -> None:
         [
             sys.executable,
             "-c",
-            "import sys, dispatcher.control, dispatcher.bookkeeper; print('workers' in sys.modules)",
+            "import sys, dispatcher.control, dispatcher.bookkeeper, dispatcher.monitor;"
+            "print('workers' in sys.modules)",
         ],
         capture_output=True,
         text=True,

@@ -40,6 +40,7 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage
 
 from dispatcher.broker import Announcements, Broker, Delivery, JobQueue
+from dispatcher.config import job_log_path
 from dispatcher.retry import is_outage
 from schemas.messages import (
     CancelJobs,
@@ -56,7 +57,7 @@ from schemas.messages import (
     decode,
 )
 from schemas.text import storable
-from workers.joblog import JobLogFile, event_footer, event_header, log_path
+from workers.joblog import JobLogFile, command_footer, command_header, event_footer, event_header
 from workers.payload import CommandRunner, Outcome, Runner, now, reap_orphans, runner_for
 from workers.reporter import StatusReporter
 
@@ -148,6 +149,7 @@ class Worker:
         self._announcement_lock = asyncio.Lock()
         self._announcements: Announcements | None = None
         self._stopping = False
+        self._setting_up: set[int] = set()  # jobs whose set-up runs (their queue not consumed yet)
         self._looking: asyncio.Task[object] | None = None  # the slot waiting for an announcement
         # acks waiting for their statuses' confirm, and consumers being stopped
         self._background: set[asyncio.Task[None]] = set()
@@ -209,6 +211,7 @@ class Worker:
             slots=self.slots,
             state=state,  # type: ignore[arg-type]
             jobs=sorted(self.jobs),
+            setting_up=sorted(self._setting_up),
             events_done=self.events_done,
             started_at=self.started_at,
         )
@@ -381,19 +384,26 @@ class Worker:
             log.debug("announced job has ended: not set up", extra={"job": spec.job_id})
             return
         job_log: JobLogFile | None = None
+        # said at once: the control plane must not take a job nobody consumes during its
+        # set-up for one whose worker died
+        self._setting_up.add(spec.job_id)
+        self.reporter.heartbeat(self._heartbeat())
+        self.reporter.hurry()
         try:
             runner = runner_for(spec.payload)
             work_dir = self.work_dir / f"job-{spec.job_id}-{self.id.replace(':', '-')}"
             work_dir.mkdir(parents=True, exist_ok=True)
-            job_log = JobLogFile(log_path(self.log_dir, spec.workflow_id, spec.job_id))
+            job_log = JobLogFile(job_log_path(self.log_dir, spec.workflow_id, spec.job_id))
             if spec.payload.setup:
                 await self._job_command(spec.payload.setup, "set-up", work_dir, job_log, fail=True)
             await queue.consume()  # only now: no range waits in our buffer during the set-up
         except BaseException:
+            self._setting_up.discard(spec.job_id)
             if job_log is not None:
                 job_log.close()
             await queue.close()
             raise
+        self._setting_up.discard(spec.job_id)
         job = self.jobs[spec.job_id] = Job(spec, queue, runner, work_dir, job_log)
         self.reporter.heartbeat(self._heartbeat())
         # where the log is, for the monitor (known from set-up on: a worker may die later)
@@ -428,10 +438,9 @@ class Worker:
         took = (outcome.ended_at - outcome.started_at).total_seconds()
         # when and where it ran: set-ups and uploads are what EventService amortizes
         job_log.append(
-            f"=== job {what}: {storable(command, 500)} worker {self.id} at {outcome.started_at.isoformat()}\n",
+            command_header(what, storable(command, 500), self.id, outcome.started_at),
             output,
-            f"=== job {what} {outcome.status} exit_code={outcome.exit_code} at {outcome.ended_at.isoformat()} "
-            f"duration={took:.3f}s\n",
+            command_footer(what, outcome.status, outcome.exit_code, outcome.ended_at, took),
         )
         job_log.flush()
         if fail and outcome.status != "finished":

@@ -368,10 +368,11 @@ GROUP BY task_id, status;
 SELECT task_id, status, count(*) AS n FROM jobs WHERE workflow_id = $1 GROUP BY task_id, status;
 
 -- name: upsert_worker
-INSERT INTO workers AS w (id, host, pid, slots, status, jobs, events_done, started_at, last_seen)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
+INSERT INTO workers AS w (id, host, pid, slots, status, jobs, events_done, started_at, last_seen, setting_up)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), $9)
 ON CONFLICT (id) DO UPDATE SET
-    status = excluded.status, jobs = excluded.jobs, events_done = excluded.events_done, last_seen = now()
+    status = excluded.status, jobs = excluded.jobs, events_done = excluded.events_done, last_seen = now(),
+    setting_up = excluded.setting_up
 WHERE w.status <> 'stopped';
 
 -- name: mark_lost_workers
@@ -381,6 +382,13 @@ RETURNING id;
 
 -- name: active_jobs
 SELECT id FROM jobs WHERE status IN ('releasing', 'queued', 'running') ORDER BY id;
+
+-- name: jobs_not_being_set_up
+-- Active jobs no live worker says it is setting up (a job is consumed only once set up).
+SELECT j.id FROM jobs j
+WHERE j.status IN ('releasing', 'queued', 'running')
+  AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.status = 'live' AND j.id = ANY (w.setting_up))
+ORDER BY j.id;
 
 -- name: unattended_jobs
 -- Jobs with work that no live worker says it serves (its worker died, or left before a

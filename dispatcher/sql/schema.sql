@@ -138,5 +138,6 @@ CREATE TABLE workers (
     jobs         bigint[] NOT NULL DEFAULT '{}',
     events_done  bigint NOT NULL DEFAULT 0,
     started_at   timestamptz NOT NULL,
-    last_seen    timestamptz NOT NULL
+    last_seen    timestamptz NOT NULL,
+    setting_up   bigint[] NOT NULL DEFAULT '{}'  -- jobs it sets up, not consumed yet (0006)
 );

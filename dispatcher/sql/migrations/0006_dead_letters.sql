@@ -14,3 +14,6 @@ ALTER TABLE events ADD COLUMN dead_at timestamptz;
 UPDATE events SET dead_at = coalesce(ended_at, now()) WHERE status = 'failed';
 -- workers that refused a job because its set-up failed: out of attempts, its events fail
 ALTER TABLE jobs ADD COLUMN setup_failures integer NOT NULL DEFAULT 0;
+-- jobs a worker is setting up (it consumes their queue only once set up): not jobs
+-- whose worker died, though nobody consumes them
+ALTER TABLE workers ADD COLUMN setting_up bigint[] NOT NULL DEFAULT '{}';
