@@ -9,13 +9,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import itertools
 import logging
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import aio_pika
@@ -28,10 +25,9 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aiormq import spec
-from aiormq.abc import ChannelFrame, DeliveredMessage
-from pamqp.body import ContentBody
-from pamqp.header import ContentHeader
+from aiormq.abc import DeliveredMessage
 
+from dispatcher import fastpath
 from dispatcher.config import Names, redact
 from schemas.messages import M, MessageError, decode
 
@@ -266,18 +262,6 @@ class JobQueue:
                 await self._channel.close()
 
 
-def _properties(headers: dict[str, Any], message_id: str | None = None) -> spec.Basic.Properties:
-    """Every message we publish: JSON, persistent."""
-    return spec.Basic.Properties(
-        content_type="application/json", delivery_mode=2, headers=headers, message_id=message_id
-    )
-
-
-def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int, _: object) -> None:
-    if channel.message_id_delivery_tag.get(message_id) == tag:
-        del channel.message_id_delivery_tag[message_id]
-
-
 class Broker:
     """Two connections: a robust one, which aio-pika restores after a broker restart with
     its consumers and the fixed topology, for consuming and publishing; and a plain one,
@@ -296,8 +280,6 @@ class Broker:
         self._looker: AbstractChannel | None = None
         self._looking = asyncio.Lock()
         self._next_channel: asyncio.Future[tuple[AbstractChannel, int]] | None = None
-        self._id_prefix = uuid.uuid4().hex[:8]
-        self._ids = itertools.count()
 
     @classmethod
     async def connect(cls, url: str, names: Names, *, client: str = "dispatcher") -> Broker:
@@ -401,7 +383,7 @@ class Broker:
         if ch is None or ch.is_closed:
             ch = await self._channel()
         underlay = await ch.get_underlay_channel()
-        properties = _properties(headers or {})
+        properties = fastpath.properties(headers)
         # wait=False: queued for the socket without waiting for it to drain, so that
         # concurrent publishes share writes; the confirm is still awaited
         await underlay.basic_publish(
@@ -423,60 +405,29 @@ class Broker:
 
     async def publish_many(self, items: Iterable[tuple[str, bytes]]) -> None:
         """Publish persistently to queues, all in one write, and wait for every confirm
-        (a nack raises DeliveryError, an unroutable message PublishError).
-
-        A job's ranges are published together: one ``basic_publish`` each cost a lock,
-        a timeout, a task and a socket write per message, and at ranges of one event
-        that was most of the control plane's work (and each write woke RabbitMQ). The
-        frames are those ``basic_publish`` writes, and the confirms are tracked in the
-        same tables of the aiormq channel, so that its reader settles them.
-        """
+        (a nack raises DeliveryError, an unroutable message PublishError): see
+        dispatcher.fastpath."""
         ch = self._publisher
         if ch is None or ch.is_closed:
             ch = await self._channel()
-        channel = await ch.get_underlay_channel()
-        assert isinstance(channel, aiormq.Channel)  # the tables below are the concrete channel's
-        frames: list[Any] = []
-        confirms: list[asyncio.Future[Any]] = []
-        async with channel.lock:  # delivery tags are counted in publishing order
-            for routing_key, body in items:
-                channel.delivery_tag += 1
-                tag = channel.delivery_tag
-                # how a returned (unroutable) message is matched: unique on the channel
-                # (a uuid4 each was a getrandom(2) each)
-                message_id = f"{self._id_prefix}{next(self._ids)}"
-                confirm = channel.create_future()
-                channel.confirmations[tag] = confirm
-                channel.message_id_delivery_tag[message_id] = tag
-                confirm.add_done_callback(partial(_forget_message_id, channel, message_id, tag))
-                confirms.append(confirm)
-                properties = _properties({}, message_id)
-                frames.append(spec.Basic.Publish(exchange="", routing_key=routing_key, mandatory=True))
-                frames.append(ContentHeader(properties=properties, body_size=len(body)))
-                step = channel.max_content_size
-                frames.extend(ContentBody(body[i : i + step]) for i in range(0, len(body), step))
-            if frames:
-                await channel.write_queue.put(ChannelFrame.marshall(frames=frames, channel_number=channel.number))
-        await asyncio.gather(*confirms)
+        await fastpath.publish_many(await ch.get_underlay_channel(), items)
 
     async def ack_all(self, messages: Iterable[AbstractIncomingMessage]) -> None:
-        """Ack deliveries: a basic.ack each, but a channel's all in one write. The
-        bookkeeper acks a transaction's messages together; one write per ack was a
-        send(2) each (50-300 µs on this VM) and a loop turn for its drain."""
-        tags: dict[aiormq.abc.AbstractChannel, list[int]] = {}
+        """Ack deliveries: one ``basic.ack`` with ``multiple`` per channel, up to its last
+        message here. The bookkeeper acks a transaction's messages together, and every
+        earlier delivery on the channel is one it committed (or acked) already: a
+        multiple ack covers exactly those."""
+        last: dict[aiormq.abc.AbstractChannel, int] = {}
         for message in messages:
             try:
                 channel = message.channel
             except aio_pika.exceptions.ChannelInvalidStateError:
                 continue  # delivered on a channel lost since: RabbitMQ delivers it again
             if message.delivery_tag is not None:
-                tags.setdefault(channel, []).append(message.delivery_tag)
-        for channel, delivered in tags.items():
-            assert isinstance(channel, aiormq.Channel)  # its write queue is the concrete channel's
-            if channel.is_closed:  # (its number may be another channel's by now)
-                continue
-            frames = [spec.Basic.Ack(delivery_tag=tag) for tag in delivered]
-            await channel.write_queue.put(ChannelFrame.marshall(frames=frames, channel_number=channel.number))
+                last[channel] = max(last.get(channel, 0), message.delivery_tag)
+        for channel, tag in last.items():
+            if not channel.is_closed:  # (its number may be another channel's by now)
+                await channel.basic_ack(tag, multiple=True)
 
     async def decode_or_dead_letter(
         self,

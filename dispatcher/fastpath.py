@@ -1,0 +1,107 @@
+"""Publishing many messages in one socket write: the one module that reaches into aiormq.
+
+A job's ranges are published together. Through aiormq's public ``basic_publish`` each
+message costs a lock, a timeout, a task and a socket write, and at ranges of one event
+that was most of the control plane's work (about 43 µs of client CPU per message more,
+measured side by side). Here the frames ``basic_publish`` would write are written at once,
+and each confirm is registered in the channel's own tables, so that aiormq's reader
+settles it (a nack raises ``DeliveryError``, a returned message ``PublishError``) and
+rejects it if the channel closes.
+
+Those tables are aiormq's private state: this is written against the aiormq minor
+releases in ``TESTED`` and checked at import. With any other release, or if the
+attributes are missing, ``publish_many`` takes the public path (slower, same results).
+tests/test_fastpath.py holds the contract: both paths, against the real broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+from collections.abc import Iterable
+from functools import partial
+from importlib.metadata import version
+from typing import Any
+
+import aiormq
+from aiormq import spec
+from aiormq.abc import ChannelFrame
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
+
+log = logging.getLogger(__name__)
+
+TESTED = ("7.2",)  # aiormq minor releases the frame-level path was written and tested against
+_STATE = ("delivery_tag", "confirmations", "message_id_delivery_tag", "write_queue", "lock", "max_content_size")
+
+
+def supported(aiormq_version: str) -> bool:
+    return ".".join(aiormq_version.split(".")[:2]) in TESTED
+
+
+ENABLED = supported(version("aiormq"))
+if not ENABLED:  # pragma: no cover - depends on the installed release
+    log.warning("aiormq %s is not one the fast publish path was tested with: using the public path", version("aiormq"))
+
+_ids = itertools.count()
+_prefix = uuid.uuid4().hex[:8]  # message ids unique per process (a uuid4 each was a getrandom(2) each)
+
+
+def properties(headers: dict[str, Any] | None = None, message_id: str | None = None) -> spec.Basic.Properties:
+    """Every message we publish: JSON, persistent."""
+    return spec.Basic.Properties(
+        content_type="application/json", delivery_mode=2, headers=headers or {}, message_id=message_id
+    )
+
+
+async def publish_many(
+    channel: aiormq.abc.AbstractChannel, items: Iterable[tuple[str, bytes]], *, fast: bool = ENABLED
+) -> None:
+    """Publish persistently to queues (through the default exchange), mandatory, and wait
+    for every confirm. ``fast=False`` takes the public path (the contract test runs both)."""
+    items = list(items)
+    if not items:
+        return
+    if not fast or not isinstance(channel, aiormq.Channel) or not _has_state(channel):
+        await asyncio.gather(
+            *(
+                channel.basic_publish(
+                    body, exchange="", routing_key=key, properties=properties(message_id=_message_id()), mandatory=True
+                )
+                for key, body in items
+            )
+        )
+        return
+    frames: list[Any] = []
+    confirms: list[asyncio.Future[Any]] = []
+    async with channel.lock:  # delivery tags are counted in publishing order
+        for routing_key, body in items:
+            channel.delivery_tag += 1
+            tag = channel.delivery_tag
+            message_id = _message_id()  # how a returned (unroutable) message is matched
+            confirm = channel.create_future()
+            channel.confirmations[tag] = confirm
+            channel.message_id_delivery_tag[message_id] = tag
+            confirm.add_done_callback(partial(_forget_message_id, channel, message_id, tag))
+            confirms.append(confirm)
+            frames.append(spec.Basic.Publish(exchange="", routing_key=routing_key, mandatory=True))
+            frames.append(ContentHeader(properties=properties(message_id=message_id), body_size=len(body)))
+            step = channel.max_content_size
+            frames.extend(ContentBody(body[i : i + step]) for i in range(0, len(body), step))
+        await channel.write_queue.put(ChannelFrame.marshall(frames=frames, channel_number=channel.number))
+    await asyncio.gather(*confirms)
+
+
+def _message_id() -> str:
+    return f"{_prefix}{next(_ids)}"
+
+
+def _has_state(channel: aiormq.Channel) -> bool:
+    return all(hasattr(channel, a) for a in _STATE)
+
+
+def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int, _: object) -> None:
+    if channel.message_id_delivery_tag.get(message_id) == tag:
+        del channel.message_id_delivery_tag[message_id]

@@ -1,0 +1,50 @@
+"""The code's own rules that no type checker holds: library internals are touched in one
+module only (dispatcher/fastpath.py, checked against the aiormq release it was written
+for), so that an upgrade of aiormq, aio-pika or asyncpg breaks one place, or none."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+PRODUCT = ["dispatcher", "workers", "schemas"]
+FAST_PATH = ROOT / "dispatcher" / "fastpath.py"
+# aiormq channel state that only its own methods should change
+LIBRARY_STATE = {"confirmations", "message_id_delivery_tag", "write_queue"}
+# underscored but public (namedtuple's API, os._exit), or a class's own private method
+# called from its classmethod
+ALLOWED = {"_replace", "_asdict", "_fields", "_exit"}
+OWN = {("dispatcher/broker.py", "_channel")}
+
+
+def offences(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Attribute):
+            continue
+        owner = node.value.id if isinstance(node.value, ast.Name) else None
+        private = node.attr.startswith("_") and not node.attr.startswith("__") and node.attr not in ALLOWED
+        if private and owner not in ("self", "cls") and (str(path.relative_to(ROOT)), node.attr) not in OWN:
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: .{node.attr} of another object")
+        if node.attr in LIBRARY_STATE:
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: aiormq's .{node.attr}")
+        if node.attr == "delivery_tag" and isinstance(node.ctx, ast.Store):
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: writes a channel's delivery tag")
+    return found
+
+
+def test_no_product_module_but_the_fast_path_touches_library_internals() -> None:
+    files = [p for d in PRODUCT for p in (ROOT / d).rglob("*.py") if p != FAST_PATH]
+    assert len(files) > 20
+    assert [o for p in files for o in offences(p)] == []
+
+
+def test_the_check_finds_what_it_looks_for() -> None:
+    # the fast path itself is the one module that does all of it
+    assert {o.split(": ", 1)[1] for o in offences(FAST_PATH)} >= {
+        "aiormq's .confirmations",
+        "aiormq's .write_queue",
+        "writes a channel's delivery tag",
+    }
