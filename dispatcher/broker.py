@@ -29,6 +29,7 @@ from aiormq.abc import DeliveredMessage
 
 from dispatcher import fastpath
 from dispatcher.config import Names, redact
+from dispatcher.policy import DELAY_STEPS_MS, delay_step
 from schemas.messages import M, MessageError, decode
 
 log = logging.getLogger(__name__)
@@ -54,42 +55,9 @@ def with_heartbeat(url: str, seconds: int = HEARTBEAT) -> str:
         return url
     return f"{url}{'&' if '?' in url else '?'}heartbeat={seconds}"
 
-# One delay queue per backoff step, each with a fixed TTL: a per-message TTL expires only
-# at the head of a queue, so mixed delays in one queue would hold short ones behind long.
-DELAY_STEPS_MS = (
-    100,
-    200,
-    500,
-    1000,
-    1500,
-    2000,
-    3000,
-    4000,
-    6000,
-    8000,
-    12000,
-    16000,
-    24000,
-    32000,
-    48000,
-    64000,
-    96000,
-    128000,
-    192000,
-    256000,
-    384000,
-    512000,
-)
 DELAY_HEADER = "es-delay-ms"
 # on a message a worker refused, forwarded to es.dlq by the bookkeeper: never replayed
 REFUSED_BY_HEADER = "x-refused-by"
-
-
-def delay_step(seconds: float) -> int:
-    """The longest delay step not above ``seconds`` (the shortest if all are)."""
-    ms = seconds * 1000
-    fitting = [step for step in DELAY_STEPS_MS if step <= ms]
-    return fitting[-1] if fitting else DELAY_STEPS_MS[0]
 
 
 @dataclass(frozen=True, slots=True)

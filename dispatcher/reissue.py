@@ -17,28 +17,18 @@ stale and reissues nothing, so one range returned twice is not run twice.
 from __future__ import annotations
 
 import logging
-import random
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-from dispatcher.broker import Broker, delay_step
+from dispatcher.broker import Broker
+from dispatcher.policy import backoff, delay_step
 from dispatcher.releaser import Releaser
 from dispatcher.store import Due, Store
 from schemas.messages import DeadLetter, EventRange, EventSpec, encode
 from schemas.text import storable
 
 log = logging.getLogger(__name__)
-
-MAX_RETRY_DELAY = 512.0  # seconds: the longest delay step
-
-
-def backoff(base: float, attempt: int) -> float:
-    """Seconds before the attempt after ``attempt``: base x 2^(attempt-1), capped, +-25 %
-    jitter (so that events that failed together do not all come back at once)."""
-    doublings = min(max(attempt - 1, 0), 32)  # 2**1023 would overflow a float
-    return float(min(base * 2**doublings, MAX_RETRY_DELAY) * random.uniform(0.75, 1.25))
-
 
 class Reissuer:
     def __init__(self, store: Store, broker: Broker, releaser: Releaser) -> None:

@@ -19,8 +19,9 @@ import aiormq
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from dispatcher.broker import DELAY_HEADER, DELAY_STEPS_MS, Broker
+from dispatcher.broker import DELAY_HEADER, Broker
 from dispatcher.config import Names, Settings
+from dispatcher.policy import DELAY_STEPS_MS
 from dispatcher.store import Store
 from dispatcher.submit import submit
 from tests.conftest import ROOT, Services
