@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.run import Namespace
-from dispatcher.broker import Broker
 from dispatcher.config import Names, Settings
+from transport.rabbitmq import Broker
 
 TARGET_P90_SECONDS = 5.0
 WORKER = ("--slots", "4")

@@ -236,8 +236,8 @@ def cpu_us_per_event(before: dict[str, float], after: dict[str, float], events: 
 async def delete_queues(url: str, prefix: str, job_ids: list[int]) -> None:
     """Every queue of the namespace: job queues too (a quorum queue left behind costs
     RabbitMQ memory and start-up time)."""
-    from dispatcher.broker import Broker
     from dispatcher.config import Names
+    from transport.rabbitmq import Broker
 
     broker = await Broker.connect(url, Names(prefix), client="bench-cleanup")
     try:

@@ -20,9 +20,9 @@ import time
 import uuid
 from pathlib import Path
 
-from dispatcher.broker import Broker
 from dispatcher.config import Names, Settings
 from schemas.messages import EventRange, EventSpec, JobAnnouncement, PayloadSpec, encode
+from transport.rabbitmq import Broker
 from workers.worker import Worker
 
 

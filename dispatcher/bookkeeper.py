@@ -30,13 +30,13 @@ from functools import partial
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
-from dispatcher.broker import REFUSED_BY_HEADER, Broker
 from dispatcher.finisher import Finisher
 from dispatcher.reissue import Reissuer
-from dispatcher.retry import is_outage, patiently
 from dispatcher.store import Applied, Due, Store
 from schemas.messages import StatusBatch
 from schemas.text import storable
+from transport.outage import is_outage, patiently
+from transport.rabbitmq import REFUSED_BY_HEADER, Broker
 
 Taken = list[tuple[AbstractIncomingMessage, StatusBatch]]
 

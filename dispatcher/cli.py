@@ -167,8 +167,8 @@ def start(
 @monitor_options
 def monitor(monitor_host: str | None, monitor_port: int | None, **conn: Any) -> None:
     """Serve the monitor alone (pages, JSON API, /metrics) from the bookkeeping."""
-    from dispatcher.broker import Broker
     from dispatcher.monitor import serve
+    from transport.rabbitmq import Broker
 
     settings = settings_from(**conn, monitor_host=monitor_host, monitor_port=monitor_port)
 
@@ -334,8 +334,8 @@ def status(workflow_id: int | None, as_json: bool, watch: bool, **conn: Any) -> 
 def cancel(workflow_id: int, **conn: Any) -> None:
     """Cancel a running workflow: remaining events become 'cancelled', its queues are
     removed and workers stop its running payloads."""
-    from dispatcher.broker import Broker
     from dispatcher.replay import cancel as do_cancel
+    from transport.rabbitmq import Broker
 
     settings = settings_from(**conn)
 
@@ -377,9 +377,9 @@ def replay(
     **conn: Any,
 ) -> None:
     """Put failed events from the dead-letter queue back into their jobs with fresh attempts."""
-    from dispatcher.broker import Broker
     from dispatcher.replay import Selector
     from dispatcher.replay import replay as do_replay
+    from transport.rabbitmq import Broker
 
     settings = settings_from(**conn)
     selector = Selector(workflow=workflow_id, task=label, job=job_id, event=number, reason=reason)

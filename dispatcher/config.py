@@ -5,57 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+
+from transport.names import Names, job_log_path
+from transport.urls import redact
+
+__all__ = ["Names", "Settings", "job_log_path", "redact"]
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-@dataclass(frozen=True)
-class Names:
-    """Every RabbitMQ name the dispatcher uses, under one prefix (tests use their own)."""
-
-    prefix: str = ""
-
-    @property
-    def jobs(self) -> str:
-        return f"{self.prefix}es.jobs"
-
-    @property
-    def status(self) -> str:
-        return f"{self.prefix}es.status"
-
-    @property
-    def status_exchange(self) -> str:
-        """Where workers publish statuses: a fanout exchange bound to the status queue. Its
-        own name so that a worker's user may write to it and to nothing else (publishing
-        through the default exchange could reach any queue)."""
-        return f"{self.prefix}es.status"
-
-    @property
-    def dlq(self) -> str:
-        return f"{self.prefix}es.dlq"
-
-    @property
-    def delay(self) -> str:
-        """Headers exchange in front of the delay queues."""
-        return f"{self.prefix}es.delay"
-
-    def retry(self, delay_ms: int) -> str:
-        return f"{self.prefix}es.retry.{delay_ms}"
-
-    @property
-    def control(self) -> str:
-        """Fanout exchange to every worker (cancel)."""
-        return f"{self.prefix}es.control"
-
-    @property
-    def dead_ranges(self) -> str:
-        """Ranges RabbitMQ dead-lettered (delivery limit); the control plane records them."""
-        return f"{self.prefix}es.dead.ranges"
-
-    def job(self, job_id: int) -> str:
-        return f"{self.prefix}es.job.{job_id}"
 
 
 @dataclass(frozen=True)
@@ -101,19 +58,3 @@ class Settings:
 
     def override(self, **changes: object) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
-
-
-def job_log_path(log_dir: Path, workflow_id: int, job_id: int) -> Path:
-    """Where a job's one log is: derived from ids only, by the workers that write it and
-    the monitor that serves it (never from a path a message names)."""
-    return log_dir / f"workflow-{workflow_id}" / f"job-{job_id}.log"
-
-
-def redact(url: str) -> str:
-    """A URL fit for a log line: the password replaced by ***."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

@@ -21,9 +21,9 @@ from dispatcher.config import Names, redact
 from dispatcher.store import Store
 
 if TYPE_CHECKING:
-    from dispatcher.broker import Broker
+    from transport.rabbitmq import Broker
 
-# aio-pika, aiormq (and dispatcher.retry, which imports them) are imported where used:
+# aio-pika, aiormq (and transport.outage, which imports them) are imported where used:
 # the CLI imports this module for every command, and `dispatcher status` needs none of them
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ async def wait_for(
     """``attempt()``'s result once it succeeds, retried with backoff while it fails of an
     outage (``waiting`` logged at WARNING each time, ``done`` once it succeeds after a
     wait); None if ``stop`` is set first (the attempt in progress is cancelled)."""
-    from dispatcher.retry import is_outage
+    from transport.outage import is_outage
 
     delay = FIRST_DELAY
     waited = False
@@ -140,7 +140,7 @@ async def wait_for(
 
 async def connect_broker(url: str, names: Names, *, client: str, stop: asyncio.Event) -> Broker | None:
     """A Broker once RabbitMQ answers; None if told to stop first."""
-    from dispatcher.broker import Broker
+    from transport.rabbitmq import Broker
 
     with _quiet_aiormq():
         return await wait_for(

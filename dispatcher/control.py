@@ -13,14 +13,14 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
 from dispatcher.bookkeeper import Bookkeeper
-from dispatcher.broker import Broker
 from dispatcher.config import Settings
 from dispatcher.finisher import Finisher
 from dispatcher.reissue import Reissuer
 from dispatcher.releaser import REANNOUNCE_SECONDS, Releaser
-from dispatcher.retry import is_outage, patiently
 from dispatcher.store import Store
 from schemas.messages import EventRange, MessageError, StatusUpdate, decode
+from transport.outage import is_outage, patiently
+from transport.rabbitmq import Broker
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import logging
 from collections.abc import Callable, Iterable
 from functools import partial
 
-from dispatcher.broker import Broker
-from dispatcher.retry import patiently
 from dispatcher.store import Finished, Store
+from transport.outage import patiently
+from transport.rabbitmq import Broker
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from dispatcher.broker import Broker
-from dispatcher.status import EVENT_STATES
 from dispatcher.store import Store
+from schemas.states import EVENT_STATES, WORKER_STATES
+from transport.rabbitmq import Broker
 
 
 class _Snapshot:
@@ -27,24 +27,21 @@ class _Snapshot:
 async def render_metrics(store: Store, broker: Broker | None) -> tuple[bytes, str]:
     families: list[Metric] = []
     events = GaugeMetricFamily("dispatcher_events", "Events by state", labels=["state"])
-    counts = {r["status"]: r["n"] for r in await store.fetch("metrics_events")}
-    for state in (*EVENT_STATES, "retrying"):
+    counts = await store.event_totals()
+    for state in EVENT_STATES:
         events.add_metric([state], counts.get(state, 0))
     families.append(events)
     # rate(dispatcher_events_finished_total[1m]) gives events finished per second
     families.append(
         CounterMetricFamily("dispatcher_events_finished", "Events finished", value=counts.get("finished", 0))
     )
-    attempts = await store.fetchrow("metrics_attempts")
-    assert attempts is not None
-    families.append(
-        CounterMetricFamily("dispatcher_retries", "Attempts after an event's first", value=attempts["retries"])
-    )
-    families.append(CounterMetricFamily("dispatcher_attempts", "Attempts recorded", value=attempts["attempts"]))
+    retries, attempts = await store.attempt_totals()
+    families.append(CounterMetricFamily("dispatcher_retries", "Attempts after an event's first", value=retries))
+    families.append(CounterMetricFamily("dispatcher_attempts", "Attempts recorded", value=attempts))
     workers = GaugeMetricFamily("dispatcher_workers", "Workers by state", labels=["state"])
-    by_state = {r["status"]: r["n"] for r in await store.fetch("metrics_workers")}
-    for state in ("live", "stopping", "stopped", "lost"):
-        workers.add_metric([state], by_state.get(state, 0))
+    by_state = await store.worker_totals()
+    for worker_state in WORKER_STATES:
+        workers.add_metric([worker_state], by_state.get(worker_state, 0))
     families.append(workers)
     if broker is not None:
         depth = GaugeMetricFamily("dispatcher_queue_depth", "Messages ready in a queue", labels=["queue"])

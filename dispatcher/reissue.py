@@ -21,12 +21,12 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-from dispatcher.broker import Broker
-from dispatcher.policy import backoff, delay_step
 from dispatcher.releaser import Releaser
 from dispatcher.store import Due, Store
 from schemas.messages import DeadLetter, EventRange, EventSpec, encode
 from schemas.text import storable
+from transport.policy import backoff, delay_step
+from transport.rabbitmq import Broker
 
 log = logging.getLogger(__name__)
 

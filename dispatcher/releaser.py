@@ -13,10 +13,10 @@ import logging
 import time
 from collections.abc import Sequence
 
-from dispatcher.broker import Broker
-from dispatcher.retry import is_outage
 from dispatcher.store import JobToPublish, Store
 from schemas.messages import EventRange, EventSpec, JobAnnouncement, PayloadSpec, encode
+from transport.outage import is_outage
+from transport.rabbitmq import Broker
 
 log = logging.getLogger(__name__)
 

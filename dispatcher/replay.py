@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from dispatcher.broker import REFUSED_BY_HEADER, Broker
 from dispatcher.releaser import Releaser
 from dispatcher.store import Store
 from schemas.messages import CancelJobs, DeadLetter, EventRange, EventSpec, MessageError, decode, encode
+from transport.rabbitmq import REFUSED_BY_HEADER, Broker
 
 log = logging.getLogger(__name__)
 

@@ -9,15 +9,7 @@ from typing import Any
 import asyncpg
 
 from dispatcher.store import Store
-
-EVENT_STATES = ("ready", "queued", "running", "finished", "failed", "cancelled")
-TERMINAL_WORKFLOW = ("finished", "failed", "cancelled")
-TERMINAL_EVENT = ("finished", "failed", "cancelled")
-
-
-def terminal(events: dict[str, int]) -> int:
-    """How many of these counts by state are events that will not run again."""
-    return sum(events.get(s, 0) for s in TERMINAL_EVENT)
+from schemas.states import EVENT_STATES, TERMINAL, terminal
 
 
 def progress(status: dict[str, Any]) -> tuple[int, int]:
@@ -36,7 +28,7 @@ async def follow(store: Store, workflow_id: int) -> AsyncIterator[dict[str, Any]
             status = await store.workflow_status(workflow_id)
             assert status is not None
             yield status
-            if status["status"] in TERMINAL_WORKFLOW:
+            if status["status"] in TERMINAL:
                 return
             try:  # the timeout only guards against a lost notification
                 await asyncio.wait_for(changed.wait(), 5.0)

@@ -13,13 +13,13 @@ import orjson
 
 from dispatcher import migrate
 from dispatcher.queries import q
+from dispatcher.reads import Reads
 from schemas.messages import Heartbeat, JobLog, StatusUpdate
+from schemas.states import EVENT_RANK
 from schemas.submission import LabelPlan, SubmissionError
 
 log = logging.getLogger(__name__)
 
-TERMINAL = ("finished", "failed", "cancelled")
-_RANK = {"running": 2, "finished": 3, "failed": 3}
 # statuses that bring events back to the control plane, to be issued again (return_events)
 RETURNS = ("returned", "stopped")
 
@@ -108,7 +108,7 @@ def newest_updates(updates: Iterable[StatusUpdate]) -> list[StatusUpdate]:
     for u in updates:
         key = (u.job_id, u.number, u.attempt)
         old = best.get(key)
-        if old is None or _RANK[u.status] > _RANK[old.status]:
+        if old is None or EVENT_RANK[u.status] > EVENT_RANK[old.status]:
             if old is not None and u.started_at is None and old.started_at is not None and old.worker == u.worker:
                 u = u.model_copy(update={"started_at": old.started_at})
             best[key] = u
@@ -129,7 +129,9 @@ def _columns(updates: Sequence[StatusUpdate]) -> list[list[Any]]:
     ]
 
 
-class Store:
+class Store(Reads):
+    """The bookkeeping: the write paths here, the monitor's reads in ``Reads``."""
+
     def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
         self.pool = pool
         self.dsn = dsn
@@ -451,14 +453,6 @@ class Store:
         return {**_jsonable(wf), "tasks": list(by_task.values())}
 
     # -- monitor ----------------------------------------------------------------------
-
-    async def fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
-        """Rows of a named query as dicts (the monitor's reads)."""
-        return [dict(r) for r in await self.pool.fetch(q(query), *args)]
-
-    async def fetchrow(self, query: str, *args: Any) -> dict[str, Any] | None:
-        row = await self.pool.fetchrow(q(query), *args)
-        return dict(row) if row is not None else None
 
     async def latest_workflows(self, limit: int = 20) -> list[dict[str, Any]]:
         return [_jsonable(r) for r in await self.pool.fetch(q("latest_workflows"), limit)]

@@ -7,12 +7,13 @@ from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from dispatcher.status import EVENT_STATES, follow, progress, terminal
+from dispatcher.status import follow, progress
 from dispatcher.store import Store
+from schemas.states import EVENT_STATES, terminal
 
 
 def _detail(events: dict[str, int]) -> str:
-    return " ".join(f"{s}={events[s]}" for s in (*EVENT_STATES, "retrying") if events.get(s))
+    return " ".join(f"{s}={events[s]}" for s in EVENT_STATES if events.get(s))
 
 
 async def watch_workflow(store: Store, workflow_id: int) -> int:

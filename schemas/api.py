@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal, get_args
+from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from schemas.text import INT32_MAX, INT64_MAX, MAX_NAME, MAX_TEXT
 
-# What the state filters accept: an enum in the OpenAPI, so a NUL or a made-up state is a
-# 422 from validation, never a query that Postgres refuses
-EventFilter = Literal["ready", "queued", "running", "finished", "failed", "cancelled", "retrying"]
-JobState = Literal["pending", "releasing", "queued", "running", "finished", "failed", "cancelled"]
-EVENT_FILTERS: tuple[str, ...] = get_args(EventFilter)
-JOB_STATES: tuple[str, ...] = get_args(JobState)
 # free text of a request may hold anything but NUL (Postgres text cannot)
 NO_NUL = r"^[^\x00]*$"
 

@@ -23,10 +23,10 @@ import asyncpg
 import pytest
 
 from dispatcher import migrate
-from dispatcher.broker import Broker
 from dispatcher.config import DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, Names, Settings
-from dispatcher.retry import patiently
 from dispatcher.store import Store
+from transport.outage import patiently
+from transport.rabbitmq import Broker
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiormq
 import pytest
 
-from dispatcher.broker import Broker
+from transport.rabbitmq import Broker
 
 
 async def drain(broker: Broker, name: str) -> list[tuple[bytes, int | None, str | None]]:

@@ -12,7 +12,6 @@ import aiormq
 import pytest
 
 from dispatcher.bookkeeper import Bookkeeper
-from dispatcher.broker import Broker
 from dispatcher.config import Settings
 from dispatcher.control import ControlPlane
 from dispatcher.finisher import Finisher
@@ -34,6 +33,7 @@ from tests.conftest import EXAMPLES
 from tests.helpers import eventually
 from tests.test_failures import write_workflow
 from tests.test_store import queued_event, snapshot
+from transport.rabbitmq import Broker
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

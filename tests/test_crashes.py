@@ -15,7 +15,6 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from dispatcher.broker import Broker
 from dispatcher.config import Settings
 from dispatcher.store import Store
 from dispatcher.submit import submit
@@ -23,6 +22,7 @@ from tests.conftest import ROOT
 from tests.helpers import eventually
 from tests.test_e2e import BIN, cli_env
 from tests.test_failures import assert_consistent, assert_no_job_queues, write_workflow
+from transport.rabbitmq import Broker
 
 pytestmark = pytest.mark.slow
 

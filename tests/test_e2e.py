@@ -16,9 +16,9 @@ import asyncpg
 import orjson
 import pytest
 
-from dispatcher.broker import Broker
 from dispatcher.config import Settings
 from tests.conftest import EXAMPLES
+from transport.rabbitmq import Broker
 
 pytestmark = pytest.mark.slow
 

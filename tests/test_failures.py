@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 import yaml
 
-from dispatcher.broker import Broker
 from dispatcher.config import Settings
 from dispatcher.control import ControlPlane
 from dispatcher.replay import Selector, cancel, replay
@@ -26,6 +25,7 @@ from dispatcher.store import Store
 from dispatcher.submit import submit
 from schemas.messages import DeadLetter, EventRange, StatusUpdate, decode
 from tests.helpers import eventually
+from transport.rabbitmq import Broker
 from workers.joblog import job_commands
 from workers.worker import Worker
 

@@ -9,8 +9,8 @@ from importlib.metadata import version
 import aiormq
 import pytest
 
-from dispatcher import fastpath
-from dispatcher.broker import Broker
+from transport import fastpath
+from transport.rabbitmq import Broker
 
 
 def test_the_fast_path_is_on_only_for_the_aiormq_releases_it_was_tested_with() -> None:

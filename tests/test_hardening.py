@@ -19,12 +19,10 @@ import orjson
 import pytest
 import yaml
 
-from dispatcher.broker import Broker, with_heartbeat
 from dispatcher.config import Settings
 from dispatcher.control import ControlPlane
 from dispatcher.releaser import Releaser
 from dispatcher.replay import Selector, replay
-from dispatcher.retry import is_outage, patiently
 from dispatcher.store import Store
 from dispatcher.submit import submit
 from schemas.messages import (
@@ -52,6 +50,8 @@ from tests.test_failures import (
     write_workflow,
 )
 from tests.test_failures import cluster as cluster
+from transport.outage import is_outage, patiently
+from transport.rabbitmq import Broker, with_heartbeat
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

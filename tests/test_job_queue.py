@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from dispatcher.broker import Broker, Delivery, JobQueue
+from transport.rabbitmq import Broker, Delivery, JobQueue
 
 
 async def opened(broker: Broker, n: int, *, prefetch: int, idle: float = 0.01) -> JobQueue:

@@ -9,14 +9,14 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-PRODUCT = ["dispatcher", "workers", "schemas"]
-FAST_PATH = ROOT / "dispatcher" / "fastpath.py"
+PRODUCT = ["dispatcher", "workers", "schemas", "transport"]
+FAST_PATH = ROOT / "transport" / "fastpath.py"
 # aiormq channel state that only its own methods should change
 LIBRARY_STATE = {"confirmations", "message_id_delivery_tag", "write_queue"}
 # underscored but public (namedtuple's API, os._exit), or a class's own private method
 # called from its classmethod
 ALLOWED = {"_replace", "_asdict", "_fields", "_exit"}
-OWN = {("dispatcher/broker.py", "_channel")}
+OWN = {("transport/rabbitmq.py", "_channel")}
 
 
 def offences(path: Path) -> list[str]:
@@ -48,3 +48,35 @@ def test_the_check_finds_what_it_looks_for() -> None:
         "aiormq's .write_queue",
         "writes a channel's delivery tag",
     }
+
+
+def imported(path: Path) -> set[str]:
+    """The top-level packages of this repository a module imports (anywhere in it)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & {"dispatcher", "workers", "schemas", "transport"}
+
+
+# the one place where the control plane's command line starts a worker: the wiring
+WIRING = {ROOT / "dispatcher" / "cli.py"}
+
+
+def test_dependencies_run_one_way() -> None:
+    """schemas <- transport <- dispatcher and workers, neither of which imports the other."""
+    allowed = {
+        "schemas": {"schemas"},
+        "transport": {"transport", "schemas"},
+        "dispatcher": {"dispatcher", "transport", "schemas"},
+        "workers": {"workers", "transport", "schemas"},
+    }
+    wrong = []
+    for package, may in allowed.items():
+        for path in (ROOT / package).rglob("*.py"):
+            extra = imported(path) - may - ({"workers"} if path in WIRING else set())
+            if extra:
+                wrong.append(f"{path.relative_to(ROOT)} imports {sorted(extra)}")
+    assert wrong == []

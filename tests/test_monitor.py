@@ -17,12 +17,12 @@ import httpx
 import pytest
 import yaml
 
-from dispatcher.broker import Broker
 from dispatcher.monitor import MonitorConfig, create_app, serve
 from dispatcher.store import Store
 from dispatcher.submit import submit
 from schemas.messages import Heartbeat, StatusUpdate
 from tests.conftest import ROOT
+from transport.rabbitmq import Broker
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 EVIL = "<script>alert('x')</script>"

@@ -19,9 +19,7 @@ import aiormq
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from dispatcher.broker import DELAY_HEADER, Broker
 from dispatcher.config import Names, Settings
-from dispatcher.policy import DELAY_STEPS_MS
 from dispatcher.store import Store
 from dispatcher.submit import submit
 from tests.conftest import ROOT, Services
@@ -29,6 +27,8 @@ from tests.helpers import eventually
 from tests.test_e2e import cli_env
 from tests.test_failures import write_workflow
 from tests.test_startup import Cli
+from transport.policy import DELAY_STEPS_MS
+from transport.rabbitmq import DELAY_HEADER, Broker
 
 SCRIPT = ROOT / "scripts" / "rabbitmq-roles.sh"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dispatcher.policy import DELAY_STEPS_MS, JITTER, MAX_RETRY_DELAY, backoff, delay_step
+from transport.policy import DELAY_STEPS_MS, JITTER, MAX_RETRY_DELAY, backoff, delay_step
 
 
 def test_backoff_doubles_per_attempt_within_its_jitter_and_is_capped() -> None:

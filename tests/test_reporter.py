@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
-from dispatcher.broker import Broker
 from schemas.messages import StatusBatch, StatusUpdate, decode
 from tests.test_broker import drain
+from transport.rabbitmq import Broker
 from workers.reporter import StatusReporter
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

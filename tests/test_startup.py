@@ -18,10 +18,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from dispatcher.broker import Broker
 from dispatcher.config import Names, Settings
 from tests.helpers import eventually
 from tests.test_e2e import BIN, cli_env
+from transport.rabbitmq import Broker
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,9 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable
 
-from dispatcher.broker import Broker
-from dispatcher.retry import is_outage
 from schemas.messages import Heartbeat, JobLog, Refused, StatusBatch, StatusUpdate, encode
+from transport.outage import is_outage
+from transport.rabbitmq import Broker
 
 log = logging.getLogger(__name__)
 

@@ -39,9 +39,6 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from dispatcher.broker import Announcements, Broker, Delivery, JobQueue
-from dispatcher.config import job_log_path
-from dispatcher.retry import is_outage
 from schemas.messages import (
     CancelJobs,
     EventRange,
@@ -57,6 +54,9 @@ from schemas.messages import (
     decode,
 )
 from schemas.text import storable
+from transport.names import job_log_path
+from transport.outage import is_outage
+from transport.rabbitmq import Announcements, Broker, Delivery, JobQueue
 from workers.joblog import JobLogFile, command_footer, command_header, event_footer, event_header
 from workers.payload import CommandRunner, Outcome, Runner, now, reap_orphans, runner_for
 from workers.reporter import StatusReporter

@@ -27,10 +27,11 @@ from aio_pika.abc import (
 from aiormq import spec
 from aiormq.abc import DeliveredMessage
 
-from dispatcher import fastpath
-from dispatcher.config import Names, redact
-from dispatcher.policy import DELAY_STEPS_MS, delay_step
 from schemas.messages import M, MessageError, decode
+from transport import fastpath
+from transport.names import Names
+from transport.policy import DELAY_STEPS_MS, delay_step
+from transport.urls import redact
 
 log = logging.getLogger(__name__)
 
