@@ -304,15 +304,8 @@ class Store(Reads):
                 )
             ]
             if returns:
-                back = await conn.fetch(
-                    q("return_events"),
-                    [u.job_id for u in returns],
-                    [u.number for u in returns],
-                    [u.attempt for u in returns],
-                    [u.status for u in returns],
-                    [u.worker for u in returns],
-                    [u.issue for u in returns],
-                )
+                # the key, attempt, status and worker columns, then the issue given back
+                back = await conn.fetch(q("return_events"), *_columns(returns)[:5], [u.issue for u in returns])
                 moved |= {r["job_id"] for r in back}
             # failures and returns may leave work for the control plane (the usual batch,
             # all running and finished, needs no look)
