@@ -85,6 +85,16 @@ class Bookkeeper:
         self._has_committed = asyncio.Event()
         self.applied = 0  # updates applied since start (for tests and metrics)
 
+    @property
+    def held(self) -> int:
+        """Status messages taken from es.status and not yet applied (for tests and metrics)."""
+        return len(self._pending)
+
+    @property
+    def held_decoded(self) -> int:
+        """... of which decoded (at most about a transaction's worth)."""
+        return sum(1 for _, batch in self._pending if batch is not None)
+
     async def start(self) -> None:
         self._stop = await self.broker.consume(self.broker.names.status, self._on_message, prefetch=self.PREFETCH)
 

@@ -22,7 +22,7 @@ async def drain(broker: Broker, name: str) -> list[tuple[bytes, int | None, str 
 async def test_many_messages_arrive_whole_persistent_and_in_order(broker: Broker) -> None:
     name = broker.names.job(1)
     await broker.declare_job_queue(name)
-    underlay = await (await broker._channel()).get_underlay_channel()
+    underlay = await (await broker.channel()).get_underlay_channel()
     assert isinstance(underlay, aiormq.Channel)
     big = b"x" * (3 * underlay.max_content_size + 5)  # more than one body frame
     bodies = [f"range {i}".encode() for i in range(200)] + [big, b""]

@@ -68,7 +68,7 @@ async def get_one(broker: Broker, queue: str) -> bytes | None:
 
 async def wait_applied(control: ControlPlane, count: int) -> None:
     async def check() -> bool:
-        return control.bookkeeper.applied >= count and not control.bookkeeper._pending
+        return control.bookkeeper.applied >= count and not control.bookkeeper.held
 
     await eventually(check, what=f"{count} updates applied")
 
@@ -313,11 +313,10 @@ async def test_bookkeeper_holds_one_transaction_of_updates_decoded_the_rest_as_b
     bookkeeper = bookkeeper_of(store, broker)
     await bookkeeper.start()
     try:
-        await eventually(lambda: asyncio.sleep(0, len(bookkeeper._pending) == 20), what="all 20 messages delivered")
-        decoded = [b for _, b in bookkeeper._pending if b is not None]
-        assert len(decoded) == 3  # 60 updates: the one that reached batch_size is the last decoded
+        await eventually(lambda: asyncio.sleep(0, bookkeeper.held == 20), what="all 20 messages delivered")
+        assert bookkeeper.held_decoded == 3  # 60 updates: the one that reached batch_size is the last decoded
         sizes = []
-        while bookkeeper._pending:
+        while bookkeeper.held:
             before = bookkeeper.applied
             await bookkeeper.flush()
             sizes.append(bookkeeper.applied - before)
@@ -345,7 +344,7 @@ async def test_status_messages_are_acked_only_after_the_finish_check_of_their_jo
 
     first = bookkeeper()
     await first.start()
-    await eventually(lambda: asyncio.sleep(0, len(first._pending) == 1), what="the status message delivered")
+    await eventually(lambda: asyncio.sleep(0, first.held == 1), what="the status message delivered")
     await first.apply()  # committed; the finish check and the ack come after
     assert await store.pool.fetchval("SELECT count(*) FROM events WHERE status = 'finished'") == 10
     assert await store.pool.fetchval("SELECT status FROM jobs WHERE id = $1", job_id) != "finished"
@@ -356,7 +355,7 @@ async def test_status_messages_are_acked_only_after_the_finish_check_of_their_jo
     second = bookkeeper()
     await second.start()
     try:
-        await eventually(lambda: asyncio.sleep(0, len(second._pending) == 1), what="the message delivered again")
+        await eventually(lambda: asyncio.sleep(0, second.held == 1), what="the message delivered again")
         await second.flush()  # applied again (changes nothing), checked, acked
         assert await store.pool.fetchval("SELECT status FROM jobs WHERE id = $1", job_id) == "finished"
     finally:
@@ -388,7 +387,7 @@ async def test_a_batch_over_several_jobs_is_applied_in_transactions_side_by_side
     assert bookkeeper.parallel == 2
     await bookkeeper.start()
     try:
-        await eventually(lambda: asyncio.sleep(0, len(bookkeeper._pending) == 1), what="the status message delivered")
+        await eventually(lambda: asyncio.sleep(0, bookkeeper.held == 1), what="the status message delivered")
         await bookkeeper.flush()
     finally:
         await bookkeeper.stop()

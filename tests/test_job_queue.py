@@ -30,7 +30,7 @@ async def delivered(broker: Broker, n: int) -> tuple[JobQueue, list[Delivery]]:
 async def acks_sent(jq: JobQueue) -> list[tuple[int, bool]]:
     """Record the basic.ack frames the queue's channel sends (the real frames still go)."""
     sent: list[tuple[int, bool]] = []
-    channel = await jq._channel.get_underlay_channel()
+    channel = await jq.channel.get_underlay_channel()
     real = channel.basic_ack
 
     async def basic_ack(tag: int, multiple: bool = False, **kwargs: Any) -> None:
@@ -44,7 +44,7 @@ async def acks_sent(jq: JobQueue) -> list[tuple[int, bool]]:
 async def settled(broker: Broker, jq: JobQueue) -> int | None:
     """Ranges back in the queue once the consumer's channel is closed: any not acked."""
     await asyncio.sleep(0.1)
-    assert not jq._channel.is_closed, "an ack named a delivery tag RabbitMQ did not know"
+    assert not jq.channel.is_closed, "an ack named a delivery tag RabbitMQ did not know"
     await jq.close(give_back=False)
     await asyncio.sleep(0.1)
     depth = await broker.queue_depth(jq.name)

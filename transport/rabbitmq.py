@@ -123,6 +123,11 @@ class JobQueue:
                 log.debug("job queue unavailable", extra={"queue": self.name, "error": repr(exc)})
 
     @property
+    def channel(self) -> AbstractChannel:
+        """The channel this consumer lives on (closing it gives its unacked ranges back)."""
+        return self._channel
+
+    @property
     def idle(self) -> bool:
         """No range delivered and waiting for a slot."""
         return self._buffer.empty()
