@@ -96,10 +96,10 @@ class Job:
 
 @dataclass(frozen=True)
 class Ended:
-    """An event whose payload ended, not yet settled (finished, retried or dead-lettered)."""
+    """An event whose payload ended (at the attempt its range named), not yet logged and
+    reported."""
 
     event: EventSpec
-    attempt: int
     outcome: Outcome
 
 
@@ -477,9 +477,9 @@ class Worker:
                 if rng.confirm_start:  # came back once: its start must be on record first
                     running = self._status(job, event, "running", started_at=now())
                     await self.reporter.report([running])
-                outcome = await self._run_event(job, event, event.attempt, confirmed=rng.confirm_start)
+                outcome = await self._run_event(job, event, confirmed=rng.confirm_start)
                 if outcome is not None:
-                    finals.append(Ended(event, event.attempt, outcome))
+                    finals.append(Ended(event, outcome))
         except asyncio.CancelledError:
             # the grace period ran out mid-event: give the unfinished events back with their
             # attempt unchanged (a shutdown is not a failure of the payload)
@@ -499,8 +499,8 @@ class Worker:
         finals: list[StatusUpdate] = []
         for f in ran.finals:
             if isinstance(f, Ended):
-                self._log_event(job, f.event, f.attempt, f.outcome)
-                f = self._update(job, f.event, f.attempt, f.outcome)
+                self._log_event(job, f.event, f.outcome)
+                f = self._update(job, f.event, f.outcome)
             finals.append(f)
         if not job.cancelled:  # a cancelled job's events are cancelled already
             finals += [self._status(job, e, "stopped") for e in ran.rest]
@@ -530,7 +530,7 @@ class Worker:
             issue=issue,
         )
 
-    async def _run_event(self, job: Job, event: EventSpec, attempt: int, *, confirmed: bool = False) -> Outcome | None:
+    async def _run_event(self, job: Job, event: EventSpec, *, confirmed: bool = False) -> Outcome | None:
         """Run one payload; None if its job was cancelled meanwhile. ``confirmed``: its
         'running' is on record already."""
         output = _output(job, event)
@@ -542,7 +542,7 @@ class Worker:
         # reported once the payload is under way (at the slot's next suspension): making
         # and queueing the update need not delay its start
         if not confirmed:
-            asyncio.get_running_loop().call_soon(self._report_running, job, event, attempt, now())
+            asyncio.get_running_loop().call_soon(self._report_running, job, event, now())
         # the payload runs in the slot's own task (a task of its own cost two loop turns
         # per event); `dispatcher cancel` cancels the slot while it is in the payload
         slot = asyncio.current_task()
@@ -555,31 +555,22 @@ class Worker:
             # such as a shutdown's after its grace period, goes on
             if job.cancelled and slot.cancelling() == 1:
                 slot.uncancel()
-                self._log_event(job, event, attempt, None)
+                self._log_event(job, event, None)
                 return None  # `dispatcher cancel`: the event is already cancelled in the bookkeeping
             raise
         finally:
             job.running.discard(slot)
         return outcome
 
-    def _report_running(self, job: Job, event: EventSpec, attempt: int, started: datetime) -> None:
-        self.reporter.running(
-            StatusUpdate(
-                job_id=job.spec.job_id,
-                number=event.number,
-                attempt=attempt,
-                status="running",
-                worker=self.id,
-                started_at=started,
-            )
-        )
+    def _report_running(self, job: Job, event: EventSpec, started: datetime) -> None:
+        self.reporter.running(self._status(job, event, "running", started_at=started))
 
-    def _update(self, job: Job, event: EventSpec, attempt: int, outcome: Outcome) -> StatusUpdate:
+    def _update(self, job: Job, event: EventSpec, outcome: Outcome) -> StatusUpdate:
         """An attempt that ran: finished, or failed (the control plane decides what next)."""
         return StatusUpdate(
             job_id=job.spec.job_id,
             number=event.number,
-            attempt=attempt,
+            attempt=event.attempt,
             status=outcome.status,
             worker=self.id,
             started_at=outcome.started_at,
@@ -588,7 +579,7 @@ class Worker:
             error=outcome.error,
         )
 
-    def _log_event(self, job: Job, event: EventSpec, attempt: int, outcome: Outcome | None) -> None:
+    def _log_event(self, job: Job, event: EventSpec, outcome: Outcome | None) -> None:
         """The event's part of the job log, appended whole: a header, its output, a footer
         (None: cancelled). Written before its status is sent: a reported event is logged."""
         if outcome is None:
@@ -598,7 +589,7 @@ class Worker:
             took = (outcome.ended_at - outcome.started_at).total_seconds()
         output = Path(_output(job, event)) if outcome is None or outcome.output else None
         job.log.append(
-            event_header(event.number, attempt, event.payload, self.id),
+            event_header(event.number, event.attempt, event.payload, self.id),
             output,
             event_footer(event.number, status, exit_code, took, error),
         )
