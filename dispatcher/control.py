@@ -18,7 +18,7 @@ from dispatcher.finisher import Finisher
 from dispatcher.reissue import Reissuer
 from dispatcher.releaser import REANNOUNCE_SECONDS, Releaser
 from dispatcher.store import Store
-from schemas.messages import EventRange, MessageError, StatusUpdate, decode
+from schemas.messages import EventRange, StatusUpdate
 from transport.outage import is_outage, patiently
 from transport.rabbitmq import Broker
 
@@ -188,11 +188,8 @@ class ControlPlane:
         deaths = headers.get("x-death")
         # the latest death first (a retry's range died in its delay queue before)
         queue = deaths[0].get("queue") if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else None
-        try:
-            rng = decode(message.body, EventRange)
-        except MessageError as exc:
-            await self.broker.dead_letter(message.body, str(exc), source=names.dead_ranges)
-            await message.ack()
+        rng = await self.broker.decode_or_dead_letter(message, EventRange, source=names.dead_ranges)
+        if rng is None:
             return
         if queue is not None and str(queue) != names.job(rng.job_id):
             reason = f"range of job {rng.job_id} dead-lettered from queue {queue!s}"

@@ -28,6 +28,8 @@ from dispatcher.submit import submit
 from schemas.messages import (
     SCHEMA_VERSION,
     DeadLetter,
+    EventRange,
+    EventSpec,
     Heartbeat,
     Refused,
     StatusBatch,
@@ -426,3 +428,30 @@ async def test_invitations_announce_only_active_jobs_at_most_once_a_second(
     assert await broker.queue_depth(broker.names.jobs) == 1
     await releaser.invite([job_id] * 50)  # a flood from one status batch
     assert await broker.queue_depth(broker.names.jobs) == 1
+
+
+async def test_a_range_rabbitmq_dead_letters_is_returned_and_a_poison_one_goes_to_the_dlq(
+    control: ControlPlane, store: Store, broker: Broker, tmp_path: Path
+) -> None:
+    # ranges a job queue dead-letters (a policy's limit; here a reject) reach the control
+    # plane: a valid one is issued again from Postgres, an undecodable one is kept in es.dlq
+    job_id = await queued_job(store, tmp_path, n=1)
+    queue = broker.names.job(job_id)
+    await broker.declare_job_queue(queue)
+    good = EventRange(workflow_id=1, job_id=job_id, events=[EventSpec(number=0, payload="ignored", attempt=1)])
+    await broker.publish(queue, encode(good))
+    await broker.publish(queue, b"not a range")
+    ch = await broker.channel()
+    q = await ch.get_queue(queue, ensure=False)
+    for _ in range(2):
+        message = await eventually(lambda: q.get(no_ack=False, fail=False), what="a range")
+        await message.reject(requeue=False)
+    await ch.close()
+    [(body, reason)] = await dlq_reasons(broker, 1)
+    assert body == b"not a range" and "undecodable" in reason
+    reissued = await eventually(lambda: broker.queue_depth(queue), what="the range issued again")
+    assert reissued == 1
+    ch = await broker.channel()
+    again = decode((await (await ch.get_queue(queue, ensure=False)).get(no_ack=True)).body, EventRange)
+    await ch.close()
+    assert [(e.number, e.payload, e.issue) for e in again.events] == [(0, "ok:0", 1)]  # Postgres's payload
