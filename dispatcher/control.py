@@ -151,8 +151,7 @@ class ControlPlane:
             self._seen_unconsumed.add(job_id)
             if job_id not in seen:
                 continue  # the first sighting: a worker may be taking it up right now
-            last = self.releaser.announced.get(job_id)
-            if waiting and last is not None and clock - last < REANNOUNCE_SECONDS:
+            if waiting and self.releaser.announced.age(job_id, clock) < REANNOUNCE_SECONDS:
                 continue  # its announcement likely waits for a free worker
             unconsumed.append(job_id)
         if unconsumed:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from dispatcher.store import JobToPublish, Store
 from schemas.messages import EventRange, EventSpec, JobAnnouncement, PayloadSpec, encode
@@ -33,6 +33,28 @@ REANNOUNCE_SECONDS = 10.0
 INVITE_SECONDS = 1.0
 
 
+class Recent:
+    """When each job was last announced (in one way), in memory of a bounded size: the
+    oldest half is forgotten when it holds ``limit`` jobs (what a forgotten job costs is
+    at most one announcement more)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._at: dict[int, float] = {}
+
+    def age(self, job_id: int, clock: float) -> float:
+        """Seconds since ``job_id`` was marked (infinite if it never was, or is forgotten)."""
+        at = self._at.get(job_id)
+        return float("inf") if at is None else clock - at
+
+    def mark(self, job_ids: Iterable[int], clock: float) -> None:
+        for job_id in job_ids:
+            self._at[job_id] = clock
+        if len(self._at) > self.limit:
+            for job_id in sorted(self._at, key=self._at.__getitem__)[: len(self._at) // 2]:
+                del self._at[job_id]
+
+
 def announcement(job: JobToPublish) -> JobAnnouncement:
     return JobAnnouncement(
         workflow_id=job.workflow_id,
@@ -51,8 +73,8 @@ class Releaser:
         self._wake = asyncio.Event()
         # held while publishing: stopping waits for it, so no publish is cut in half
         self.busy = asyncio.Lock()
-        self.announced: dict[int, float] = {}  # job -> when this releaser last announced it
-        self.invited: dict[int, float] = {}  # job -> when it was last announced on an invitation
+        self.announced = Recent(10 * max(window, 100))  # by this releaser, in any way
+        self.invited = Recent(10 * max(window, 100))  # on a worker's invitation
 
     def wake(self) -> None:
         self._wake.set()
@@ -124,15 +146,12 @@ class Releaser:
         only active jobs, each at most once per INVITE_SECONDS (a worker's status batch
         must not flood es.jobs)."""
         clock = time.monotonic()
-        fresh = [j for j in job_ids if clock - self.invited.get(j, -INVITE_SECONDS) >= INVITE_SECONDS]
+        fresh = [j for j in job_ids if self.invited.age(j, clock) >= INVITE_SECONDS]
         if not fresh:
             return
         active = set(await self.store.active_jobs())
         fresh = [j for j in fresh if j in active]
-        for job_id in fresh:
-            self.invited[job_id] = clock
-        if len(self.invited) > 10 * max(self.window, 100):
-            self.invited = {j: t for j, t in self.invited.items() if clock - t < INVITE_SECONDS}
+        self.invited.mark(fresh, clock)
         await self.announce_ids(fresh)
 
     async def announce_ids(self, job_ids: Sequence[int], *, delay: float | None = None) -> None:
@@ -147,12 +166,7 @@ class Releaser:
         else:
             for job in jobs:
                 await self.broker.publish_delayed(names.jobs, encode(announcement(job)), delay)
-        clock = time.monotonic()
-        for job in jobs:
-            self.announced[job.id] = clock
-        if len(self.announced) > 10 * max(self.window, 100):  # forget the oldest
-            for job_id in sorted(self.announced, key=self.announced.__getitem__)[: len(self.announced) // 2]:
-                del self.announced[job_id]
+        self.announced.mark((job.id for job in jobs), time.monotonic())
 
     async def _left_early(self, job: JobToPublish, ranges: int) -> bool:
         """A job announced early: did a worker take ranges and leave before the rest
