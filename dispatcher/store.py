@@ -327,11 +327,6 @@ class Store(Reads):
         rows = await conn.fetch(q("followups"), [k[0] for k in keys], [k[1] for k in keys])
         return [Due(**dict(r)) for r in rows]
 
-    async def due(self, keys: Sequence[tuple[int, int]]) -> list[Due]:
-        """What the control plane must still publish for these events."""
-        async with self.pool.acquire() as conn:
-            return await self._due(conn, keys)
-
     async def published(self, copies: Sequence[tuple[Due, datetime | None]]) -> None:
         """These copies are confirmed in RabbitMQ (a retry's next attempt due then)."""
         await self.pool.execute(
