@@ -68,13 +68,26 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+class CommandTemplate:
+    """A payload command's template, parsed once (a bad one fails at set-up, not per
+    event): split into argv, or, with ``shell``, a script that takes the payload as $1."""
+
+    def __init__(self, spec: PayloadSpec) -> None:
+        assert spec.command is not None
+        self.shell = spec.shell
+        self._script = shell_template(spec.command) if spec.shell else ""
+        self._args = [] if spec.shell else shlex.split(spec.command)
+
+    def argv(self, payload: str) -> list[str]:
+        if self.shell:
+            # $1, not the payload, goes into the script: no payload can be read as shell code
+            return ["/bin/sh", "-c", self._script, "sh", payload]
+        return [arg.replace(PAYLOAD_PLACEHOLDER, payload) for arg in self._args]
+
+
 def command_argv(spec: PayloadSpec, payload: str) -> list[str]:
     """The argv a payload runs as (without the PDEATHSIG wrapper CommandRunner adds)."""
-    assert spec.command is not None
-    if spec.shell:
-        # $1, not the payload, goes into the script: no payload can be read as shell code
-        return ["/bin/sh", "-c", shell_template(spec.command), "sh", payload]
-    return [arg.replace(PAYLOAD_PLACEHOLDER, payload) for arg in shlex.split(spec.command)]
+    return CommandTemplate(spec).argv(payload)
 
 
 def _stat_fields(pid: int | str) -> list[str] | None:
@@ -221,19 +234,14 @@ class CommandRunner:
     inline = False
 
     def __init__(self, spec: PayloadSpec) -> None:
-        assert spec.command is not None
         self.spec = spec
-        # the template is parsed once, here: a bad one fails at set-up, not per event
-        self._script = shell_template(spec.command) if spec.shell else ""
-        self._args = [] if spec.shell else shlex.split(spec.command)
+        self._template = CommandTemplate(spec)
         prefix, self._preexec = _pdeathsig()
         self._prefix = list(prefix)
         self._env = _worker_env(os.getpid())
 
     def _argv(self, payload: str) -> list[str]:
-        if self.spec.shell:
-            return [*self._prefix, "/bin/sh", "-c", self._script, "sh", payload]
-        return self._prefix + [arg.replace(PAYLOAD_PLACEHOLDER, payload) for arg in self._args]
+        return self._prefix + self._template.argv(payload)
 
     async def run(self, payload: str, output: str | Path, cwd: Path) -> Outcome:
         argv = self._argv(payload)
