@@ -391,11 +391,12 @@ WHERE j.status IN ('releasing', 'queued', 'running')
 ORDER BY j.id;
 
 -- name: unattended_jobs
--- Jobs with work that no live worker says it serves (its worker died, or left before a
+-- Jobs with work that no live worker says it serves or sets up (its worker died, or left before a
 -- retry or a returned range arrived).
 SELECT j.id FROM jobs j
 WHERE j.status IN ('queued', 'running')
-  AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.status = 'live' AND j.id = ANY (w.jobs));
+  AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.status = 'live'
+                  AND (j.id = ANY (w.jobs) OR j.id = ANY (w.setting_up)));
 
 -- name: cancel_workflow
 WITH w AS (
