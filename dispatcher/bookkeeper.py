@@ -28,17 +28,16 @@ from collections import deque
 from functools import partial
 
 import asyncpg
-from aio_pika.abc import AbstractIncomingMessage
 
 from dispatcher.finisher import Finisher
 from dispatcher.reissue import Reissuer
 from dispatcher.store import Applied, Due, Store
 from schemas.messages import StatusBatch
 from schemas.text import storable
+from transport.interface import REFUSED_BY_HEADER, Incoming, Transport
 from transport.outage import is_outage, patiently
-from transport.rabbitmq import REFUSED_BY_HEADER, Broker
 
-Taken = list[tuple[AbstractIncomingMessage, StatusBatch]]
+Taken = list[tuple[Incoming, StatusBatch]]
 
 
 def _weight(batch: StatusBatch) -> int:
@@ -60,7 +59,7 @@ class Bookkeeper:
     def __init__(
         self,
         store: Store,
-        broker: Broker,
+        broker: Transport,
         finisher: Finisher,
         reissuer: Reissuer,
         *,
@@ -76,12 +75,12 @@ class Bookkeeper:
         self.batch_size = batch_size
         self.linger = linger
         # in arrival order; a batch of None is a message not decoded yet
-        self._pending: deque[tuple[AbstractIncomingMessage, StatusBatch | None]] = deque()
+        self._pending: deque[tuple[Incoming, StatusBatch | None]] = deque()
         self._count = 0  # updates and logs held decoded
         self._has_work = asyncio.Event()
         self._full = asyncio.Event()
         # committed transactions: the jobs they ended, and their messages to ack after the check
-        self._committed: list[tuple[set[int], list[AbstractIncomingMessage]]] = []
+        self._committed: list[tuple[set[int], list[Incoming]]] = []
         self._has_committed = asyncio.Event()
         self.applied = 0  # updates applied since start (for tests and metrics)
 
@@ -101,7 +100,7 @@ class Bookkeeper:
     async def stop(self) -> None:
         await self._stop()
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: Incoming) -> None:
         if self._count >= self.batch_size:
             self._pending.append((message, None))  # a transaction's worth is decoded already
             return
@@ -113,7 +112,7 @@ class Bookkeeper:
         if self._count >= self.batch_size:
             self._full.set()
 
-    async def _decode(self, message: AbstractIncomingMessage) -> StatusBatch | None:
+    async def _decode(self, message: Incoming) -> StatusBatch | None:
         batch = await patiently(
             partial(self.broker.decode_or_dead_letter, message, StatusBatch, source=self.broker.names.status),
             what="dead-lettering a status message",
@@ -145,9 +144,9 @@ class Bookkeeper:
             await self._has_committed.wait()
             await self.settle()
 
-    async def _take(self) -> list[tuple[AbstractIncomingMessage, StatusBatch]]:
+    async def _take(self) -> list[tuple[Incoming, StatusBatch]]:
         """Messages for one transaction: about ``batch_size`` updates, oldest first."""
-        taken: list[tuple[AbstractIncomingMessage, StatusBatch]] = []
+        taken: list[tuple[Incoming, StatusBatch]] = []
         size = 0
         while self._pending and size < self.batch_size:
             message, batch = self._pending.popleft()

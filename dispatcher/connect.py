@@ -21,6 +21,7 @@ from dispatcher.config import Names, redact
 from dispatcher.store import Store
 
 if TYPE_CHECKING:
+    from transport.interface import Transport
     from transport.rabbitmq import Broker
 
 # aio-pika, aiormq (and transport.outage, which imports them) are imported where used:
@@ -163,25 +164,16 @@ async def connect_store(url: str, *, max_size: int, stop: asyncio.Event) -> Stor
     )
 
 
-async def _look_at_topology(broker: Broker, queues: tuple[str, ...], exchanges: tuple[str, ...]) -> bool:
-    ch = await broker.channel()
-    try:
-        for queue in queues:  # passive: needs no permission, creates nothing
-            await ch.declare_queue(queue, passive=True)
-        for exchange in exchanges:
-            await ch.get_exchange(exchange, ensure=True)
-    finally:
-        if not ch.is_closed:
-            await ch.close()
+async def _look_at_topology(broker: Transport) -> bool:
+    await broker.check_topology()
     return True
 
 
-async def await_topology(broker: Broker, url: str, *, stop: asyncio.Event) -> bool:
+async def await_topology(broker: Transport, url: str, *, stop: asyncio.Event) -> bool:
     """Wait until the control plane has declared what a worker uses (a worker declares
     none of it: its RabbitMQ user may not). False if told to stop first."""
-    n = broker.names
     looked = await wait_for(
-        lambda: _look_at_topology(broker, (n.jobs,), (n.status_exchange, n.control)),
+        lambda: _look_at_topology(broker),
         waiting="queues not declared yet: waiting for the control plane (dispatcher start)",
         done="queues declared",
         url=url,

@@ -10,7 +10,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 import asyncpg
-from aio_pika.abc import AbstractIncomingMessage
 
 from dispatcher.bookkeeper import Bookkeeper
 from dispatcher.config import Settings
@@ -19,8 +18,8 @@ from dispatcher.reissue import Reissuer
 from dispatcher.releaser import REANNOUNCE_SECONDS, Releaser
 from dispatcher.store import Store
 from schemas.messages import EventRange, StatusUpdate
+from transport.interface import Incoming, Transport
 from transport.outage import is_outage, patiently
-from transport.rabbitmq import Broker
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ UNCONSUMED_CHECK_SECONDS = 0.5
 
 
 class ControlPlane:
-    def __init__(self, settings: Settings, store: Store, broker: Broker) -> None:
+    def __init__(self, settings: Settings, store: Store, broker: Transport) -> None:
         self.settings = settings
         self.store = store
         self.broker = broker
@@ -176,7 +175,7 @@ class ControlPlane:
             await self.releaser.announce_ids(lost)
         return lost
 
-    async def _on_dead_range(self, message: AbstractIncomingMessage) -> None:
+    async def _on_dead_range(self, message: Incoming) -> None:
         """A range RabbitMQ dead-lettered from a job's queue (a policy's delivery limit or
         TTL): its events are returned, as if its worker had been lost, so that none stays
         'running' and none is lost. The range only selects events: what runs next comes

@@ -12,14 +12,14 @@ from collections.abc import Callable, Iterable
 from functools import partial
 
 from dispatcher.store import Finished, Store
+from transport.interface import Transport
 from transport.outage import patiently
-from transport.rabbitmq import Broker
 
 log = logging.getLogger(__name__)
 
 
 class Finisher:
-    def __init__(self, store: Store, broker: Broker, on_task_end: Callable[[], None]) -> None:
+    def __init__(self, store: Store, broker: Transport, on_task_end: Callable[[], None]) -> None:
         self.store = store
         self.broker = broker
         self.on_task_end = on_task_end

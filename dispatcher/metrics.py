@@ -11,7 +11,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from dispatcher.store import Store
 from schemas.states import EVENT_STATES, WORKER_STATES
-from transport.rabbitmq import Broker
+from transport.interface import Transport
 
 
 class _Snapshot:
@@ -24,7 +24,7 @@ class _Snapshot:
         return self.families
 
 
-async def render_metrics(store: Store, broker: Broker | None) -> tuple[bytes, str]:
+async def render_metrics(store: Store, broker: Transport | None) -> tuple[bytes, str]:
     families: list[Metric] = []
     events = GaugeMetricFamily("dispatcher_events", "Events by state", labels=["state"])
     counts = await store.event_totals()

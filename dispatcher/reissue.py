@@ -25,13 +25,13 @@ from dispatcher.releaser import Releaser
 from dispatcher.store import Due, Store
 from schemas.messages import DeadLetter, EventRange, EventSpec, encode
 from schemas.text import storable
+from transport.interface import Transport
 from transport.policy import backoff, delay_step
-from transport.rabbitmq import Broker
 
 log = logging.getLogger(__name__)
 
 class Reissuer:
-    def __init__(self, store: Store, broker: Broker, releaser: Releaser) -> None:
+    def __init__(self, store: Store, broker: Transport, releaser: Releaser) -> None:
         self.store = store
         self.broker = broker
         self.releaser = releaser  # announcements go out one way, so that they are counted

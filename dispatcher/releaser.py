@@ -15,8 +15,8 @@ from collections.abc import Iterable, Sequence
 
 from dispatcher.store import JobToPublish, Store
 from schemas.messages import EventRange, EventSpec, JobAnnouncement, PayloadSpec, encode
+from transport.interface import Transport
 from transport.outage import is_outage
-from transport.rabbitmq import Broker
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def announcement(job: JobToPublish) -> JobAnnouncement:
 
 
 class Releaser:
-    def __init__(self, store: Store, broker: Broker, *, window: int) -> None:
+    def __init__(self, store: Store, broker: Transport, *, window: int) -> None:
         self.store = store
         self.broker = broker
         self.window = window

@@ -15,12 +15,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from aio_pika.abc import AbstractIncomingMessage
-
 from dispatcher.releaser import Releaser
 from dispatcher.store import Store
 from schemas.messages import CancelJobs, DeadLetter, EventRange, EventSpec, MessageError, decode, encode
-from transport.rabbitmq import REFUSED_BY_HEADER, Broker
+from transport.interface import REFUSED_BY_HEADER, Incoming, Transport
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +56,16 @@ class Outcome:
 
 
 async def replay(
-    store: Store, broker: Broker, selector: Selector, *, limit: int | None = None, dry_run: bool = False
+    store: Store, broker: Transport, selector: Selector, *, limit: int | None = None, dry_run: bool = False
 ) -> list[Outcome]:
-    ch = await broker.channel()
-    dlq = await ch.get_queue(broker.names.dlq, ensure=False)
     depth = await broker.queue_depth(broker.names.dlq) or 0
-    held: list[AbstractIncomingMessage] = []  # go back to the DLQ at the end
+    held: list[Incoming] = []  # go back to the DLQ at the end
     outcomes: list[Outcome] = []
     replayed = 0
     releaser = Releaser(store, broker, window=0)
     try:
         for _ in range(depth):  # each message once: the held ones are not requeued until the end
-            message = await dlq.get(no_ack=False, fail=False)
+            message = await broker.get(broker.names.dlq)
             if message is None:
                 break
             try:
@@ -129,11 +125,10 @@ async def replay(
     finally:
         for message in held:
             await message.nack(requeue=True)
-        await ch.close()
     return outcomes
 
 
-async def cancel(store: Store, broker: Broker, workflow_id: int) -> list[int] | None:
+async def cancel(store: Store, broker: Transport, workflow_id: int) -> list[int] | None:
     """Cancel a running workflow: its remaining events become 'cancelled', its queues go,
     and workers stop its running payloads. None if the workflow is not running."""
     job_ids = await store.cancel_workflow(workflow_id)

@@ -80,3 +80,35 @@ def test_dependencies_run_one_way() -> None:
             if extra:
                 wrong.append(f"{path.relative_to(ROOT)} imports {sorted(extra)}")
     assert wrong == []
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a module imports, by full name (``from a.b import c`` names a.b)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+# where the real connections are made: the command line, and its start-up waits
+CONNECTING = {ROOT / "dispatcher" / "cli.py", ROOT / "dispatcher" / "connect.py"}
+
+
+def test_the_control_plane_and_the_workers_know_only_the_transport_interface() -> None:
+    """No RabbitMQ (nor its client libraries) above the transport, but where the
+    connections are made: the worker, releaser and bookkeeper run on either adapter."""
+    broker_specific = {"transport.rabbitmq", "transport.fastpath", "aio_pika", "aiormq"}
+    files = [p for d in ("dispatcher", "workers") for p in (ROOT / d).rglob("*.py") if p not in CONNECTING]
+    assert len(files) > 15
+    wrong = {
+        str(p.relative_to(ROOT)): sorted(
+            m for m in imported_modules(p) if m.split(".")[0] in broker_specific or m in broker_specific
+        )
+        for p in files
+    }
+    assert {p: m for p, m in wrong.items() if m} == {}
+    # and the check sees such an import where there is one
+    assert "transport.rabbitmq" in imported_modules(ROOT / "dispatcher" / "cli.py")

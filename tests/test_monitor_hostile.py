@@ -346,7 +346,7 @@ async def test_settings_and_cli_pass_host_names_and_log_dir(store: Store, settin
 
 
 def _write_log(log_dir: Path, workflow_id: int, job_id: int, text: str = "=== job setup\nhello\n") -> Path:
-    """Where and how a worker writes a job's log (workers/worker.py _append_log)."""
+    """Where and how a worker writes a job's log (workers/joblog.py)."""
     path = log_dir / f"workflow-{workflow_id}" / f"job-{job_id}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -11,8 +11,7 @@ import bisect
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import aio_pika
@@ -27,15 +26,16 @@ from aio_pika.abc import (
 from aiormq import spec
 from aiormq.abc import DeliveredMessage
 
-from schemas.messages import M, MessageError, decode
 from transport import fastpath
+from transport.interface import DELAY_HEADER, REFUSED_BY_HEADER, Delivery, Handler, Incoming, JobQueue, Transport
+from transport.interface import Announcements as AnnouncementsBase
 from transport.names import Names
 from transport.policy import DELAY_STEPS_MS, delay_step
 from transport.urls import redact
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+__all__ = ["DELAY_HEADER", "REFUSED_BY_HEADER", "AmqpJobQueue", "Broker", "with_heartbeat"]
 
 # Per-job queues are classic durable queues, consumed with a prefetch. A range delivered
 # again (its holder was lost, or RabbitMQ restarted) arrives flagged ``redelivered``; the
@@ -56,29 +56,13 @@ def with_heartbeat(url: str, seconds: int = HEARTBEAT) -> str:
         return url
     return f"{url}{'&' if '?' in url else '?'}heartbeat={seconds}"
 
-DELAY_HEADER = "es-delay-ms"
-# on a message a worker refused, forwarded to es.dlq by the bookkeeper: never replayed
-REFUSED_BY_HEADER = "x-refused-by"
 
+class AmqpJobQueue(JobQueue):
+    """A worker's consumer on one job's queue (see ``JobQueue``).
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """A range as RabbitMQ delivered it from a job's queue (acked through its JobQueue)."""
-
-    body: bytes
-    delivery_tag: int
-    redelivered: bool
-    headers: dict[str, Any]
-
-
-class JobQueue:
-    """A worker's consumer on one job's queue.
-
-    RabbitMQ pushes ranges, at most ``prefetch`` unacked at once (running, waiting for a
-    slot, or waiting for their statuses to be confirmed), so a worker never hides more
-    than that from other workers, and no range costs a basic.get round trip. ``get``
-    says None once the queue has nothing ready: after ``idle`` seconds without a delivery
-    it asks the queue, and stops consuming if it is empty.
+    RabbitMQ pushes ranges, so no range costs a basic.get round trip. ``get`` says None
+    once the queue has nothing ready: after ``idle`` seconds without a delivery it asks
+    the queue, and stops consuming if it is empty.
     """
 
     def __init__(self, broker: Broker, channel: AbstractChannel, name: str, *, prefetch: int, idle: float) -> None:
@@ -236,7 +220,7 @@ class JobQueue:
                 await self._channel.close()
 
 
-class Broker:
+class Broker(Transport):
     """Two connections: a robust one, which aio-pika restores after a broker restart with
     its consumers and the fixed topology, for consuming and publishing; and a plain one,
     opened again on demand, for short-lived work (a job's queue, passive checks), which
@@ -252,6 +236,7 @@ class Broker:
         self._plain: AbstractConnection | None = None
         self._admin: AbstractChannel | None = None
         self._looker: AbstractChannel | None = None
+        self._getter: AbstractChannel | None = None
         self._looking = asyncio.Lock()
         self._next_channel: asyncio.Future[tuple[AbstractChannel, int]] | None = None
 
@@ -336,7 +321,7 @@ class Broker:
 
     # -- publishing -------------------------------------------------------------------
 
-    async def publish(self, routing_key: str, body: bytes, *, headers: dict[str, Any] | None = None) -> None:
+    async def publish(self, routing_key: str, body: bytes, *, headers: Mapping[str, Any] | None = None) -> None:
         """Publish persistently to a queue; returns once RabbitMQ confirmed it."""
         await self._publish("", routing_key, body, headers)
 
@@ -349,7 +334,7 @@ class Broker:
         (one of DELAY_STEPS_MS): it waits in a delay queue, never in a consumer."""
         await self._publish(self.names.delay, routing_key, body, {DELAY_HEADER: str(delay_step(seconds))})
 
-    async def _publish(self, exchange: str, routing_key: str, body: bytes, headers: dict[str, Any] | None) -> None:
+    async def _publish(self, exchange: str, routing_key: str, body: bytes, headers: Mapping[str, Any] | None) -> None:
         # straight to aiormq: an aio_pika.Message and its conversion cost more CPU than
         # the rest of a publish (a range of one event is one publish); an unroutable
         # message raises (mandatory, on_return_raises), a nack raises DeliveryError
@@ -357,7 +342,7 @@ class Broker:
         if ch is None or ch.is_closed:
             ch = await self._channel()
         underlay = await ch.get_underlay_channel()
-        properties = fastpath.properties(headers)
+        properties = fastpath.properties(dict(headers) if headers else None)
         # wait=False: queued for the socket without waiting for it to drain, so that
         # concurrent publishes share writes; the confirm is still awaited
         await underlay.basic_publish(
@@ -386,13 +371,14 @@ class Broker:
             ch = await self._channel()
         await fastpath.publish_many(await ch.get_underlay_channel(), items)
 
-    async def ack_all(self, messages: Iterable[AbstractIncomingMessage]) -> None:
+    async def ack_all(self, messages: Iterable[Incoming]) -> None:
         """Ack deliveries: one ``basic.ack`` with ``multiple`` per channel, up to its last
         message here. The bookkeeper acks a transaction's messages together, and every
         earlier delivery on the channel is one it committed (or acked) already: a
         multiple ack covers exactly those."""
         last: dict[aiormq.abc.AbstractChannel, int] = {}
         for message in messages:
+            assert isinstance(message, AbstractIncomingMessage), "acked on the connection that consumed it"
             try:
                 channel = message.channel
             except aio_pika.exceptions.ChannelInvalidStateError:
@@ -402,32 +388,6 @@ class Broker:
         for channel, tag in last.items():
             if not channel.is_closed:  # (its number may be another channel's by now)
                 await channel.basic_ack(tag, multiple=True)
-
-    async def decode_or_dead_letter(
-        self,
-        message: AbstractIncomingMessage | Delivery,
-        model: type[M],
-        *,
-        source: str,
-        ack: Callable[[Delivery], Awaitable[None]] | None = None,
-    ) -> M | None:
-        """The message as ``model``; a poison message goes to es.dlq with the reason
-        (and is acked, through ``ack`` if given), and None is returned: it is never
-        executed, never retried."""
-        try:
-            return decode(message.body, model)
-        except MessageError as exc:
-            await self.dead_letter(message.body, str(exc), source=source)
-            if isinstance(message, Delivery):
-                assert ack is not None, "a range is acked through its JobQueue"
-                await ack(message)
-            else:
-                await message.ack()
-            return None
-
-    async def dead_letter(self, body: bytes, reason: str, *, source: str) -> None:
-        log.warning("dead-lettering a message", extra={"reason": reason, "source": source})
-        await self.publish(self.names.dlq, body, headers={"x-reason": reason[:1000], "x-source-queue": source})
 
     # -- queues -----------------------------------------------------------------------
 
@@ -454,11 +414,6 @@ class Broker:
         queue = await ch.get_queue(name, ensure=False)
         await queue.purge()
 
-    async def queue_depth(self, name: str) -> int | None:
-        """Messages ready in a queue, or None if it does not exist."""
-        looked = await self._look_at(name)
-        return None if looked is None else looked.message_count
-
     async def queue_state(self, name: str) -> tuple[int, int] | None:
         """(messages ready, consumers) of a queue, or None if it does not exist."""
         looked = await self._look_at(name)
@@ -477,9 +432,7 @@ class Broker:
                 return None
 
     async def open_job(self, name: str, *, prefetch: int = 1, idle: float = 0.01, consume: bool = True) -> JobQueue:
-        """A consumer on a job's queue (see JobQueue); ``consume=False``: only looked at
-        (``backlog``) until its ``consume()``."""
-        queue = JobQueue(self, await self._job_channel(prefetch), name, prefetch=prefetch, idle=idle)
+        queue = AmqpJobQueue(self, await self._job_channel(prefetch), name, prefetch=prefetch, idle=idle)
         await queue.start(consume=consume)
         return queue
 
@@ -524,16 +477,32 @@ class Broker:
 
         return stop
 
-    async def announcements(self) -> Announcements:
+    async def announcements(self) -> AnnouncementsBase:
         ch = await self.connection.channel()
         await ch.set_qos(prefetch_count=1)
         # passive: the control plane declares it (a worker's user may not)
-        return Announcements(await ch.declare_queue(self.names.jobs, passive=True))
+        return AmqpAnnouncements(await ch.declare_queue(self.names.jobs, passive=True))
+
+    async def get(self, queue_name: str) -> Incoming | None:
+        async with self._looking:  # (the getter's channel is opened as the looker's is)
+            if self._getter is None or self._getter.is_closed:
+                self._getter = await self.channel()
+        queue = await self._getter.get_queue(queue_name, ensure=False)
+        return await queue.get(no_ack=False, fail=False)
+
+    async def check_topology(self) -> None:
+        ch = await self.channel()
+        try:
+            # passive: needs no permission, creates nothing; a missing one raises
+            await ch.declare_queue(self.names.jobs, passive=True)
+            for exchange in (self.names.status_exchange, self.names.control):
+                await ch.get_exchange(exchange, ensure=True)
+        finally:
+            if not ch.is_closed:
+                await ch.close()
 
 
-class Announcements:
-    """Waits for one job announcement at a time. The consumer runs only while a worker
-    is looking for a job, so an announcement never sits in a busy worker's buffer."""
+class AmqpAnnouncements(AnnouncementsBase):
 
     def __init__(self, queue: AbstractQueue) -> None:
         self._queue = queue

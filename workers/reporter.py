@@ -18,14 +18,14 @@ import logging
 from collections.abc import Callable, Iterable
 
 from schemas.messages import Heartbeat, JobLog, Refused, StatusBatch, StatusUpdate, encode
+from transport.interface import Transport
 from transport.outage import is_outage
-from transport.rabbitmq import Broker
 
 log = logging.getLogger(__name__)
 
 
 class StatusReporter:
-    def __init__(self, broker: Broker, worker: str, *, max_batch: int = 1000, linger: float = 0.01) -> None:
+    def __init__(self, broker: Transport, worker: str, *, max_batch: int = 1000, linger: float = 0.01) -> None:
         self.broker = broker
         self.worker = worker
         self.max_batch = max_batch

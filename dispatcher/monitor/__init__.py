@@ -29,12 +29,12 @@ from dispatcher.monitor.server import serve
 from dispatcher.monitor.views import Views
 from dispatcher.store import Store
 from schemas.api import ReplayRequest
-from transport.rabbitmq import Broker
+from transport.interface import Transport
 
 __all__ = ["SESSION_COOKIE", "MonitorConfig", "create_app", "default_hosts", "serve"]
 
 
-def create_app(store: Store, broker: Broker | None, config: MonitorConfig) -> FastAPI:
+def create_app(store: Store, broker: Transport | None, config: MonitorConfig) -> FastAPI:
     app = FastAPI(title="EventService dispatcher monitor", version="1", docs_url=None, redoc_url=None)
     # DNS rebinding: a page of another site resolving its name to 127.0.0.1 reaches the monitor
     # with its own name in Host; the browser would then let that page read the answers

@@ -9,10 +9,10 @@ from dispatcher.monitor.params import FORBIDDEN, NO_BROKER, NOT_FOUND_WORKFLOW, 
 from dispatcher.replay import Selector, cancel, replay
 from dispatcher.store import Store
 from schemas.api import ActionResult, ReplayRequest
-from transport.rabbitmq import Broker
+from transport.interface import Transport
 
 
-def router(store: Store, broker: Broker | None, guards: Guards) -> APIRouter:
+def router(store: Store, broker: Transport | None, guards: Guards) -> APIRouter:
     api = APIRouter()
     act = guards.act
 

@@ -24,7 +24,7 @@ from schemas.api import (
     WorkflowSummary,
 )
 from schemas.states import terminal
-from transport.rabbitmq import Broker
+from transport.interface import Transport
 
 
 def replay_command(
@@ -51,7 +51,7 @@ def _page(rows: list[dict[str, Any]], limit: int) -> EventsPage:
 
 
 class Views:
-    def __init__(self, store: Store, broker: Broker | None) -> None:
+    def __init__(self, store: Store, broker: Transport | None) -> None:
         self.store = store
         self.broker = broker
 
