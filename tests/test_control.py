@@ -1,4 +1,5 @@
-"""The control plane in-process against the real RabbitMQ and Postgres."""
+"""The control plane in-process against the real RabbitMQ and Postgres (the releaser's
+order of publishes on the in-memory transport, which records them)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ from tests.conftest import EXAMPLES
 from tests.helpers import eventually
 from tests.test_failures import write_workflow
 from tests.test_store import queued_event, snapshot
+from transport.interface import Transport
+from transport.memory import Connection, MemoryBroker
+from transport.names import Names
 from transport.rabbitmq import Broker
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -54,7 +58,7 @@ async def control(settings: Settings, store: Store, broker: Broker) -> AsyncIter
     await asyncio.wait_for(task, 10)
 
 
-async def get_one(broker: Broker, queue: str) -> bytes | None:
+async def get_one(broker: Transport, queue: str) -> bytes | None:
     jq = await broker.open_job(queue)
     try:
         msg = await jq.get()
@@ -90,71 +94,80 @@ async def test_submission_is_released_published_and_announced(
     assert await get_one(broker, broker.names.jobs) is None
 
 
-async def first_job_released(
-    store: Store, broker: Broker, tmp_path: Path, after_first_announcement: Callable[[str], Awaitable[None]]
-) -> list[tuple[str, int]]:
-    """Release a workflow of one job of 100 ranges; returns (queue, messages) per
-    publish_many in order (the real publishes still go)."""
-    await submit(store, write_workflow(tmp_path, {"isr": [f"ok:{i}" for i in range(100)]}, per_job=100))
-    queue = broker.names.job(await store.pool.fetchval("SELECT id FROM jobs"))
-    sent: list[tuple[str, int]] = []
-    real = broker.publish_many
+class Recorded(Connection):
+    """The in-memory transport, recording (queue, messages) per publish_many, and calling
+    ``after_first_announcement`` once the first announcement is out."""
 
-    async def publish_many(items: Iterable[tuple[str, bytes]]) -> None:
+    def __init__(self, names: Names, after_first_announcement: Callable[[Recorded, str], Awaitable[None]]) -> None:
+        super().__init__(MemoryBroker(), names)
+        self.after = after_first_announcement
+        self.sent: list[tuple[str, int]] = []
+        self.queue = ""
+
+    async def publish_many(self, items: Iterable[tuple[str, bytes]]) -> None:
         items = list(items)
-        sent.append((items[0][0], len(items)))
-        await real(items)
-        if items[0][0] == broker.names.jobs and len(sent) == 2:
-            await after_first_announcement(queue)
+        self.sent.append((items[0][0], len(items)))
+        await super().publish_many(items)
+        if items[0][0] == self.names.jobs and len(self.sent) == 2:
+            await self.after(self, self.queue)
 
-    broker.publish_many = publish_many  # type: ignore[method-assign]
+
+async def first_job_released(
+    store: Store, names: Names, tmp_path: Path, after_first_announcement: Callable[[Recorded, str], Awaitable[None]]
+) -> Recorded:
+    """Release a workflow of one job of 100 ranges, on a transport that records what
+    was published in which order."""
+    await submit(store, write_workflow(tmp_path, {"isr": [f"ok:{i}" for i in range(100)]}, per_job=100))
+    broker = Recorded(names, after_first_announcement)
+    await broker.declare_topology()
+    broker.queue = names.job(await store.pool.fetchval("SELECT id FROM jobs"))
     assert await Releaser(store, broker, window=4).release_once() == 1
-    assert await broker.queue_depth(queue) is not None
-    return sent
+    assert await broker.queue_depth(broker.queue) is not None
+    return broker
 
 
 async def test_a_windows_first_job_is_announced_once_its_first_ranges_are_in(
-    store: Store, broker: Broker, tmp_path: Path
+    store: Store, names: Names, tmp_path: Path
 ) -> None:
-    async def nobody(queue: str) -> None:  # its announcement waits in es.jobs
+    async def nobody(broker: Recorded, queue: str) -> None:  # its announcement waits in es.jobs
         return None
 
-    sent = await first_job_released(store, broker, tmp_path, nobody)
-    queue, jobs = sent[0][0], broker.names.jobs
-    assert sent == [(queue, FIRST_RANGES), (jobs, 1), (queue, 100 - FIRST_RANGES)]
+    broker = await first_job_released(store, names, tmp_path, nobody)
+    queue, jobs = broker.queue, names.jobs
+    assert broker.sent == [(queue, FIRST_RANGES), (jobs, 1), (queue, 100 - FIRST_RANGES)]
     assert await broker.queue_depth(queue) == 100
     assert await broker.queue_depth(jobs) == 1  # the one announcement is enough
     assert await store.pool.fetchval("SELECT status FROM jobs") == "queued"
 
 
 async def test_a_first_job_a_worker_emptied_and_left_before_the_rest_came_is_announced_again(
-    store: Store, broker: Broker, tmp_path: Path
+    store: Store, names: Names, tmp_path: Path
 ) -> None:
-    async def worker_took_all_and_left(queue: str) -> None:
-        assert await get_one(broker, broker.names.jobs) is not None
+    async def worker_took_all_and_left(broker: Recorded, queue: str) -> None:
+        assert await get_one(broker, names.jobs) is not None
         for _ in range(FIRST_RANGES):
             assert await get_one(broker, queue) is not None
 
-    sent = await first_job_released(store, broker, tmp_path, worker_took_all_and_left)
-    queue, jobs = sent[0][0], broker.names.jobs
-    assert sent == [(queue, FIRST_RANGES), (jobs, 1), (queue, 100 - FIRST_RANGES), (jobs, 1)]
+    broker = await first_job_released(store, names, tmp_path, worker_took_all_and_left)
+    queue, jobs = broker.queue, names.jobs
+    assert broker.sent == [(queue, FIRST_RANGES), (jobs, 1), (queue, 100 - FIRST_RANGES), (jobs, 1)]
     assert await broker.queue_depth(jobs) == 1  # the second announcement
 
 
 async def test_a_first_job_a_worker_consumes_or_sets_up_is_not_announced_twice(
-    store: Store, broker: Broker, tmp_path: Path
+    store: Store, names: Names, tmp_path: Path
 ) -> None:
     consumers = []
 
-    async def worker_on_it(queue: str) -> None:  # took the announcement; set up, or consuming
-        assert await get_one(broker, broker.names.jobs) is not None
+    async def worker_on_it(broker: Recorded, queue: str) -> None:  # took the announcement; set up, or consuming
+        assert await get_one(broker, names.jobs) is not None
         consumers.append(await broker.open_job(queue, prefetch=1))
 
-    sent = await first_job_released(store, broker, tmp_path, worker_on_it)
+    broker = await first_job_released(store, names, tmp_path, worker_on_it)
     for consumer in consumers:
         await consumer.close()
-    assert sent[1:] == [(broker.names.jobs, 1), (sent[0][0], 100 - FIRST_RANGES)]
-    assert await broker.queue_depth(broker.names.jobs) == 0
+    assert broker.sent[1:] == [(names.jobs, 1), (broker.queue, 100 - FIRST_RANGES)]
+    assert await broker.queue_depth(names.jobs) == 0
 
 
 async def test_replayed_and_stale_status_messages_change_nothing(
