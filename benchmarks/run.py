@@ -44,6 +44,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,7 @@ class Sizes:
     upload_seconds: float = 0.5
     latency: int = 2000
     scale: int = 1_000_000
+    cluster: int = 50_000
 
 
 QUICK = Sizes(
@@ -84,6 +86,7 @@ QUICK = Sizes(
     upload_seconds=0.05,
     latency=300,
     scale=20_000,
+    cluster=2000,
 )
 
 
@@ -105,6 +108,7 @@ class Namespace:
             PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             PYTHONPATH=str(ROOT),
             DISPATCHER_AMQP_URL=self.base.amqp_url,
+            DISPATCHER_QUEUE_TYPE=self.base.queue_type,
             DISPATCHER_DATABASE_URL=self.dsn,
             DISPATCHER_QUEUE_PREFIX=self.prefix,
             DISPATCHER_WORK_DIR=str(self.tmp / "work"),
@@ -130,10 +134,12 @@ class Namespace:
         await admin.close()
         await delete_queues(self.base.amqp_url, self.prefix, job_ids)
 
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
+    def start(self, *args: str, amqp_url: str | None = None) -> subprocess.Popen[bytes]:
+        """A CLI process; ``amqp_url``: its own (a cluster's nodes in another order)."""
         log = (self.tmp / f"{args[0]}-{len(self.procs)}.log").open("wb")
+        env = self.env | ({"DISPATCHER_AMQP_URL": amqp_url} if amqp_url else {})
         proc = subprocess.Popen(
-            [str(BIN / "dispatcher"), "--log-level", "WARNING", *args], env=self.env, stdout=log, stderr=log
+            [str(BIN / "dispatcher"), "--log-level", "WARNING", *args], env=env, stdout=log, stderr=log
         )
         self.procs.append(proc)
         return proc
@@ -299,32 +305,30 @@ async def raw_broker(url: str, n: int) -> dict[str, float]:
     return {"publish_per_s": round(publish), "consume_ack_per_s": round(consume)}
 
 
+async def throughput_once(settings: Settings, events: int, per_range: int) -> dict[str, float]:
+    """One run: no-op events through one control plane and two workers, submit to finished."""
+    async with Namespace(settings, "tp") as ns:
+        ns.start("start", "--no-monitor")
+        ns.start("worker", *NOOP_WORKER)
+        ns.start("worker", *NOOP_WORKER)
+        wf_file = ns.workflow(
+            {"payloadFunction": "benchmarks.payloads:noop"}, events, maxEventsPerJob=1000, eventsPerRange=per_range
+        )
+        await ns.workers_ready(2)
+        cpu0 = cpu_by_role(ns.procs)
+        wf, t0 = await ns.submit(wf_file)
+        end = await ns.finished(wf)
+        cpu = cpu_us_per_event(cpu0, cpu_by_role(ns.procs), events)
+        seconds = end.timestamp() - t0
+        return {"seconds": round(seconds, 2), "events_per_s": round(events / seconds)} | {
+            f"cpu_us_per_event_{role}": us for role, us in cpu.items()
+        }
+
+
 async def throughput(settings: Settings, sizes: Sizes, runs: int, ranges: list[int]) -> dict[str, Any]:
     out: dict[str, Any] = {"events": sizes.throughput, "workers": 2, "worker_args": " ".join(NOOP_WORKER)}
     for per_range in ranges:
-
-        async def once(per_range: int = per_range) -> dict[str, float]:
-            async with Namespace(settings, "tp") as ns:
-                ns.start("start", "--no-monitor")
-                ns.start("worker", *NOOP_WORKER)
-                ns.start("worker", *NOOP_WORKER)
-                wf_file = ns.workflow(
-                    {"payloadFunction": "benchmarks.payloads:noop"},
-                    sizes.throughput,
-                    maxEventsPerJob=1000,
-                    eventsPerRange=per_range,
-                )
-                await ns.workers_ready(2)
-                cpu0 = cpu_by_role(ns.procs)
-                wf, t0 = await ns.submit(wf_file)
-                end = await ns.finished(wf)
-                cpu = cpu_us_per_event(cpu0, cpu_by_role(ns.procs), sizes.throughput)
-                seconds = end.timestamp() - t0
-                return {"seconds": round(seconds, 2), "events_per_s": round(sizes.throughput / seconds)} | {
-                    f"cpu_us_per_event_{role}": us for role, us in cpu.items()
-                }
-
-        out[f"range_{per_range}"] = await repeat(runs, once)
+        out[f"range_{per_range}"] = await repeat(runs, partial(throughput_once, settings, sizes.throughput, per_range))
         print(f"  throughput, range size {per_range}: {out[f'range_{per_range}']}", flush=True)
     out["raw_broker"] = await repeat(runs, lambda: raw_broker(settings.amqp_url, sizes.throughput))
     for per_range in ranges:
@@ -662,13 +666,17 @@ async def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one run (the tests use it)")
     parser.add_argument("--full", action="store_true", help="scenario 3 without EventService on all payloads")
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 3, quick 1)")
-    parser.add_argument("--only", default="throughput,celery,eventservice,latency,scale,recovery")
+    parser.add_argument(
+        "--only",
+        default="throughput,celery,eventservice,latency,scale,recovery",
+        help="scenarios, comma-separated; 'cluster' (a 3-node RabbitMQ cluster on loopback) runs only when named",
+    )
     parser.add_argument("--merge", action="store_true", help="keep the report's sections of scenarios not run")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--events", type=int, default=None, help="events for throughput and celery")
     parser.add_argument("--ranges", default="1,10,100", help="range sizes for throughput")
     args = parser.parse_args()
-    from benchmarks import recovery  # it imports this module's Namespace
+    from benchmarks import cluster, recovery  # they import this module's Namespace
 
     sizes = QUICK if args.quick else Sizes()
     if args.events:
@@ -700,6 +708,9 @@ async def main() -> None:
         print(f"  scale: {report['scale']}", flush=True)
     if "recovery" in only:
         report["recovery"] = await recovery.recovery(settings, args.quick)
+    if "cluster" in only:
+        ranges = [int(r) for r in args.ranges.split(",") if int(r) in (1, 10)] or [1, 10]
+        report["cluster"] = await cluster.cluster_scenario(settings, sizes.cluster, runs, ranges)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     stem = "report-quick" if args.quick else "report"
     if args.merge and (args.out / f"{stem}.json").exists():
@@ -712,7 +723,7 @@ async def main() -> None:
         met = None if value is None else (value >= bound if op == ">=" else value < bound)
         report["targets"][name] = {"measured": value, "met": {True: "yes", False: "no", None: "-"}[met]}
     args.out.mkdir(parents=True, exist_ok=True)
-    page = markdown(report) + recovery.markdown(report)
+    page = markdown(report) + recovery.markdown(report) + cluster.markdown(report)
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
     (args.out / f"{stem}.md").write_text(page)
     drawn = plot(report, args.out / f"{stem}.png")

@@ -34,14 +34,22 @@ def connection_options(func: F) -> F:
         "--queue-prefix", default=None, help="Prefix of every queue name [env DISPATCHER_QUEUE_PREFIX]."
     )(func)
     func = click.option("--database-url", default=None, help="Postgres DSN [env DISPATCHER_DATABASE_URL].")(func)
-    func = click.option("--amqp-url", default=None, help="RabbitMQ URL [env DISPATCHER_AMQP_URL].")(func)
+    func = click.option(
+        "--amqp-url",
+        multiple=True,
+        help="RabbitMQ URL; repeat it (or separate by commas) for a cluster's nodes, tried in turn "
+        "[env DISPATCHER_AMQP_URL].",
+    )(func)
     return func
 
 
-def settings_from(amqp_url: str | None, database_url: str | None, queue_prefix: str | None, **more: Any) -> Settings:
+def settings_from(
+    amqp_url: tuple[str, ...] | str | None, database_url: str | None, queue_prefix: str | None, **more: Any
+) -> Settings:
     base = Settings.from_env()
     names = Names(queue_prefix) if queue_prefix is not None else None
-    return base.override(amqp_url=amqp_url, database_url=database_url, names=names, **more)
+    urls = ",".join(amqp_url) if isinstance(amqp_url, tuple) else amqp_url
+    return base.override(amqp_url=urls or None, database_url=database_url, names=names, **more)
 
 
 # select(2) takes file descriptors below 1024 only; a worker holds a few sockets and at
@@ -146,7 +154,13 @@ def start(
                 return 0
             resources.push_async_callback(store.close)
             await store.upgrade()
-            broker = await connect_broker(settings.amqp_url, settings.names, client="dispatcher-control", stop=stop)
+            broker = await connect_broker(
+                settings.amqp_url,
+                settings.names,
+                client="dispatcher-control",
+                stop=stop,
+                queue_type=settings.queue_type,
+            )
             if broker is None:
                 return 0
             resources.push_async_callback(broker.close)
@@ -175,7 +189,9 @@ def monitor(monitor_host: str | None, monitor_port: int | None, **conn: Any) -> 
     async def go() -> int:
         stop = stop_on_signals()
         store = await Store.connect(settings.database_url)
-        broker = await Broker.connect(settings.amqp_url, settings.names, client="dispatcher-monitor")
+        broker = await Broker.connect(
+            settings.amqp_url, settings.names, client="dispatcher-monitor", queue_type=settings.queue_type
+        )
         try:
             await serve(monitor_app(settings, store, broker), settings.monitor_host, settings.monitor_port, stop)
         finally:
@@ -222,7 +238,9 @@ def worker(
 
     async def go() -> int:
         stop = stop_on_signals()
-        broker = await connect_broker(settings.amqp_url, settings.names, client="dispatcher-worker", stop=stop)
+        broker = await connect_broker(
+            settings.amqp_url, settings.names, client="dispatcher-worker", stop=stop, queue_type=settings.queue_type
+        )
         if broker is None:
             return 0
         try:
@@ -330,6 +348,45 @@ def status(workflow_id: int | None, as_json: bool, watch: bool, **conn: Any) -> 
 
 @main.command()
 @connection_options
+@click.option("--repair", is_flag=True, help="Mend what is found (republish lost ranges, finish stuck jobs).")
+def doctor(repair: bool, **conn: Any) -> None:
+    """Compare Postgres (the truth) with RabbitMQ: job queues missing or emptied while
+    events wait, jobs whose events have all ended, queues of ended jobs left behind.
+    Exits 1 if it found a disagreement it did not repair."""
+    from dispatcher.finisher import Finisher
+    from dispatcher.reconcile import Reconciler
+    from dispatcher.releaser import Releaser
+    from transport.rabbitmq import Broker
+
+    settings = settings_from(**conn)
+
+    async def go() -> int:
+        store = await Store.connect(settings.database_url, max_size=2)
+        broker = await Broker.connect(
+            settings.amqp_url, settings.names, client="dispatcher-doctor", queue_type=settings.queue_type
+        )
+        try:
+            releaser = Releaser(store, broker, window=settings.release_window)
+            reconciler = Reconciler(store, broker, releaser, Finisher(store, broker, releaser.wake))
+            found = await reconciler.look(deep=True)
+            for d in found:
+                click.echo(d.describe())
+            if found and repair:
+                await reconciler.repair(found)
+                click.echo(f"repaired {len(found)} disagreement(s)")
+                return 0
+        finally:
+            await broker.close()
+            await store.close()
+        if not found:
+            click.echo("Postgres and RabbitMQ agree")
+        return 1 if found else 0
+
+    run_async(go())
+
+
+@main.command()
+@connection_options
 @click.argument("workflow_id", type=int)
 def cancel(workflow_id: int, **conn: Any) -> None:
     """Cancel a running workflow: remaining events become 'cancelled', its queues are
@@ -341,7 +398,9 @@ def cancel(workflow_id: int, **conn: Any) -> None:
 
     async def go() -> int:
         store = await Store.connect(settings.database_url, max_size=1)
-        broker = await Broker.connect(settings.amqp_url, settings.names, client="dispatcher-cancel")
+        broker = await Broker.connect(
+            settings.amqp_url, settings.names, client="dispatcher-cancel", queue_type=settings.queue_type
+        )
         try:
             await broker.declare_topology()
             jobs = await do_cancel(store, broker, workflow_id)
@@ -386,7 +445,9 @@ def replay(
 
     async def go() -> int:
         store = await Store.connect(settings.database_url, max_size=1)
-        broker = await Broker.connect(settings.amqp_url, settings.names, client="dispatcher-replay")
+        broker = await Broker.connect(
+            settings.amqp_url, settings.names, client="dispatcher-replay", queue_type=settings.queue_type
+        )
         try:
             await broker.declare_topology()
             outcomes = await do_replay(store, broker, selector, limit=limit, dry_run=dry_run)

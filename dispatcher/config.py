@@ -36,6 +36,8 @@ class Settings:
     monitor_read_token: str | None = None
     # Host header names the monitor answers to, any port (empty: monitor_host and loopback)
     monitor_hosts: tuple[str, ...] = ()
+    # durable queues: quorum (replicated on a cluster, survive a node) or classic
+    queue_type: str = "quorum"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -54,6 +56,7 @@ class Settings:
             monitor_token=env.get("DISPATCHER_MONITOR_TOKEN") or None,
             monitor_read_token=env.get("DISPATCHER_MONITOR_READ_TOKEN") or None,
             monitor_hosts=tuple(h.strip() for h in env.get("DISPATCHER_MONITOR_HOSTS", "").split(",") if h.strip()),
+            queue_type=env.get("DISPATCHER_QUEUE_TYPE", "quorum"),
         )
 
     def override(self, **changes: object) -> Settings:

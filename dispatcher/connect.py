@@ -139,13 +139,15 @@ async def wait_for(
     return None
 
 
-async def connect_broker(url: str, names: Names, *, client: str, stop: asyncio.Event) -> Broker | None:
+async def connect_broker(
+    url: str, names: Names, *, client: str, stop: asyncio.Event, queue_type: str = "quorum"
+) -> Broker | None:
     """A Broker once RabbitMQ answers; None if told to stop first."""
     from transport.rabbitmq import Broker
 
     with _quiet_aiormq():
         return await wait_for(
-            lambda: Broker.connect(url, names, client=client),
+            lambda: Broker.connect(url, names, client=client, queue_type=queue_type),
             waiting="RabbitMQ unavailable: waiting",
             done="connected to RabbitMQ",
             url=url,

@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 import asyncpg
@@ -14,22 +17,26 @@ import asyncpg
 from dispatcher.bookkeeper import Bookkeeper
 from dispatcher.config import Settings
 from dispatcher.finisher import Finisher
+from dispatcher.leader import Leadership
+from dispatcher.reconcile import Reconciler
 from dispatcher.reissue import Reissuer
-from dispatcher.releaser import REANNOUNCE_SECONDS, Releaser
-from dispatcher.store import Store
+from dispatcher.releaser import CLAIM_LEASE_SECONDS, REANNOUNCE_SECONDS, Releaser
+from dispatcher.store import Due, Store
 from schemas.messages import EventRange, StatusUpdate
 from transport.interface import Incoming, Transport
 from transport.outage import is_outage, patiently
 
 log = logging.getLogger(__name__)
 
-# a claim older than this belongs to a control plane that died while publishing
-STALE_CLAIM_SECONDS = 30.0
 # how often jobs with ranges ready and no consumer are looked for (their only worker
 # died: RabbitMQ gave its ranges back at once, but nobody consumes them), at most; a job
 # is announced once found so twice in a row (a worker that just took its announcement
 # and sets it up says so with its next heartbeat, a moment later)
 UNCONSUMED_CHECK_SECONDS = 0.5
+# a range that came back while its worker seemed alive (a broker node died under the
+# worker, say) is charged if the worker stays silent this long after: a live one
+# reconnects and sends heartbeats every second for a while (Worker.reconnected)
+HELD_GRACE = 2.5
 
 
 class ControlPlane:
@@ -37,9 +44,12 @@ class ControlPlane:
         self.settings = settings
         self.store = store
         self.broker = broker
-        self.releaser = Releaser(store, broker, window=settings.release_window)
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.releaser = Releaser(store, broker, window=settings.release_window, owner=self.id)
+        self.leadership = Leadership(settings.database_url, self.id)
         self.finisher = Finisher(store, broker, on_task_end=self.releaser.wake)
         self.reissuer = Reissuer(store, broker, self.releaser)
+        self.reconciler = Reconciler(store, broker, self.releaser, self.finisher)
         self._seen_unconsumed: set[int] = set()  # jobs found with ranges and no consumer last round
         self.bookkeeper = Bookkeeper(
             store, broker, self.finisher, self.reissuer, batch_size=settings.batch_size, linger=settings.batch_linger
@@ -54,7 +64,6 @@ class ControlPlane:
         again every job with work (an announcement without work costs a worker one get)."""
         await self.finisher.check(await self.store.unfinished_jobs())
         await self.store.finish_workflows(await self.store.running_workflows())
-        await self.releaser.reclaim(STALE_CLAIM_SECONDS)
         await self.releaser.announce_ids(await self.store.unfinished_jobs())
         self.releaser.wake()
 
@@ -66,8 +75,15 @@ class ControlPlane:
             asyncio.create_task(self.releaser.run(), name="releaser"),
             asyncio.create_task(self.bookkeeper.run(), name="bookkeeper"),
             asyncio.create_task(self._listen(), name="listener"),
+            asyncio.create_task(self.leadership.run(), name="leadership"),
             asyncio.create_task(self._watchdog(), name="watchdog"),
             asyncio.create_task(self._unconsumed(), name="unconsumed"),
+            asyncio.create_task(self._every(UNCONSUMED_CHECK_SECONDS, self.charge_held, "held"), name="held"),
+            asyncio.create_task(self.finisher.delete_queues(), name="queue deleter"),
+            asyncio.create_task(
+                self._every(CLAIM_LEASE_SECONDS / 4, lambda: self.store.renew_claims(self.id), "claims", everyone=True),
+                name="claims",
+            ),
         ]
         log.info("control plane running", extra={"prefix": self.settings.names.prefix or "-"})
         waiter = asyncio.create_task(stop.wait())
@@ -121,10 +137,14 @@ class ControlPlane:
             min(UNCONSUMED_CHECK_SECONDS, self.settings.heartbeat_interval), self.announce_unconsumed, "unconsumed"
         )
 
-    @staticmethod
-    async def _every(seconds: float, round_: Callable[[], Awaitable[object]], what: str) -> None:
+    async def _every(
+        self, seconds: float, round_: Callable[[], Awaitable[object]], what: str, *, everyone: bool = False
+    ) -> None:
+        """Run ``round_`` every ``seconds``: on the leader only, unless ``everyone``."""
         while True:
             await asyncio.sleep(seconds)
+            if not (everyone or self.leadership.is_leader):
+                continue
             try:
                 await round_()
             except Exception as exc:  # a safety net: it must outlive any bug
@@ -158,13 +178,28 @@ class ControlPlane:
             await self.releaser.announce_ids(unconsumed)
         return unconsumed
 
+    async def charge_held(self) -> None:
+        """Charge the events whose range came back while their worker seemed alive, once
+        it has been silent for HELD_GRACE seconds since (see held_returns in the SQL)."""
+        await self._charge(await self.store.return_held(HELD_GRACE))
+
+    async def _charge(self, due: list[Due]) -> None:
+        if due:
+            log.warning("events lost with their worker", extra={"events": len(due)})
+            await patiently(lambda: self.reissuer.publish(due), what="issuing attempts")
+            await patiently(lambda: self.finisher.check({d.job_id for d in due}), what="finishing")
+
     async def find_lost_work(self) -> list[int]:
         """Announce again every job that has ranges waiting and no live worker serving it
         (its workers died or left before a retry or a given-back range arrived). Returns
         the jobs announced. Skipped while announcements wait: idle workers take those first."""
-        for worker in await self.store.mark_lost_workers(3 * self.settings.heartbeat_interval):
+        lost_workers = await self.store.mark_lost_workers(3 * self.settings.heartbeat_interval)
+        for worker in lost_workers:
             log.warning("worker lost: no heartbeat", extra={"worker": worker})
-        await self.releaser.reclaim(STALE_CLAIM_SECONDS)
+        # what they ran is charged now: their ranges may have been acked, and nobody else reports it
+        await self._charge(await self.store.return_running_under(lost_workers))
+        await self.releaser.reclaim(CLAIM_LEASE_SECONDS)
+        await self.reconciler.round()
         if await self.broker.queue_depth(self.broker.names.jobs):
             return []
         lost = [

@@ -31,6 +31,17 @@ FIRST_RANGES = 32
 REANNOUNCE_SECONDS = 10.0
 # a job is announced on a worker's invitation at most this often
 INVITE_SECONDS = 1.0
+# a control plane's claim on a job it publishes lasts this long unless renewed (the
+# control plane renews it every CLAIM_LEASE_SECONDS / 4); another takes the job over
+# only once it has run out
+CLAIM_LEASE_SECONDS = 10.0
+# ranges published between two checks that the claim is still ours (fencing: a control
+# plane that stalled and lost its jobs publishes no more than the batch it was in)
+PUBLISH_CHUNK = 256
+
+
+class ClaimLost(Exception):
+    """Another control plane took the job over: publish nothing more of it."""
 
 
 class Recent:
@@ -66,10 +77,15 @@ def announcement(job: JobToPublish) -> JobAnnouncement:
 
 
 class Releaser:
-    def __init__(self, store: Store, broker: Transport, *, window: int) -> None:
+    def __init__(self, store: Store, broker: Transport, *, window: int, owner: str | None = None) -> None:
         self.store = store
         self.broker = broker
         self.window = window
+        self.owner = owner  # the control plane that claims jobs (None: a one-shot command)
+        # jobs this releaser claimed and has not published whole yet: a publish that failed
+        # (the broker away) leaves them here, and the next round publishes them again (their
+        # lease, renewed by this control plane, keeps any other from taking them over)
+        self.unfinished: set[int] = set()
         self._wake = asyncio.Event()
         # held while publishing: stopping waits for it, so no publish is cut in half
         self.busy = asyncio.Lock()
@@ -102,8 +118,13 @@ class Releaser:
         for task in await self.store.release_ready_tasks():
             log.info("task released", extra={"workflow": task["workflow_id"], "task": task["label"]})
         published = 0
-        while job_ids := await self.store.claim_jobs(self.window):
-            await self.publish_jobs(job_ids)
+        if self.unfinished:
+            job_ids = sorted(self.unfinished)
+            log.warning("publishing again jobs whose publish failed", extra={"jobs": job_ids[:20]})
+            await self._republish(job_ids, fenced=True)
+            published += len(job_ids)
+        while job_ids := await self.store.claim_jobs(self.window, self.owner):
+            await self.publish_jobs(job_ids, fenced=True)
             published += len(job_ids)
         return published
 
@@ -115,25 +136,44 @@ class Releaser:
         should have reached the queue by now included (a held copy may so run twice; if
         its worker dies, it comes back stale and reissues nothing)."""
         async with self.busy:
-            job_ids = await self.store.reclaim_stale_releasing(older_than)
+            job_ids = await self.store.reclaim_stale_releasing(older_than, self.owner)
             if job_ids:
                 log.warning("republishing jobs left half-released", extra={"jobs": len(job_ids)})
-                for job_id in job_ids:
-                    await self.broker.purge_queue(self.broker.names.job(job_id))
-                await self.store.reissue_stale_jobs(job_ids)  # what a worker holds is stale now
-                await self.publish_jobs(job_ids)
+                await self._republish(job_ids, fenced=True)
 
-    async def publish_jobs(self, job_ids: Sequence[int]) -> None:
+    async def republish(self, job_ids: Sequence[int]) -> None:
+        """Publish again, as new copies, what has not started in jobs whose queue lost its
+        ranges (a queue purged or lost with a disk, found by the reconciliation)."""
+        async with self.busy:
+            await self._republish(job_ids, fenced=False)
+
+    async def _republish(self, job_ids: Sequence[int], *, fenced: bool) -> None:
+        for job_id in job_ids:
+            await self.broker.purge_queue(self.broker.names.job(job_id))
+        await self.store.reissue_stale_jobs(job_ids)  # what a worker holds is stale now
+        await self.publish_jobs(job_ids, fenced=fenced)
+
+    async def publish_jobs(self, job_ids: Sequence[int], *, fenced: bool = False) -> None:
+        """Publish jobs' ranges and announce them. ``fenced``: jobs claimed by this
+        control plane, published only while the claim is still ours."""
         jobs = await self.store.jobs_to_publish(job_ids)
         limit = asyncio.Semaphore(PUBLISH_CONCURRENCY)
+        if fenced:
+            self.unfinished.update(job.id for job in jobs)
 
         async def release(job: JobToPublish, *, early: bool = False) -> None:
             # each job announced as soon as its ranges are in: the first events start
             # while the rest of the window is still being published
             async with limit:
-                ranges = await self._publish_ranges(job, early=early)
+                try:
+                    ranges = await self._publish_ranges(job, early=early, fenced=fenced)
+                except ClaimLost:
+                    log.warning("job taken over by another control plane: publishing stopped", extra={"job": job.id})
+                    self.unfinished.discard(job.id)
+                    return
                 # queued in the bookkeeping before announced: a worker's first status finds it queued
                 await self.store.mark_jobs_queued([job.id])
+                self.unfinished.discard(job.id)
                 if ranges is None or await self._left_early(job, ranges):
                     await self.announce([job])
 
@@ -177,7 +217,7 @@ class Releaser:
         state = await self.broker.queue_state(self.broker.names.job(job.id))
         return state is not None and state[1] == 0 and state[0] < ranges
 
-    async def _publish_ranges(self, job: JobToPublish, *, early: bool = False) -> int | None:
+    async def _publish_ranges(self, job: JobToPublish, *, early: bool = False, fenced: bool = False) -> int | None:
         """All of a job's ranges into its queue (declared here). ``early``: announced
         once its first ranges are in, so that a worker starts on them while the rest
         follow; then returns how many ranges it has. Until all are in the job stays
@@ -198,9 +238,16 @@ class Releaser:
         ranges = len(messages)
         announced = early and ranges > FIRST_RANGES
         if announced:
-            await self.broker.publish_many(messages[:FIRST_RANGES])
+            await self._publish_claimed(job, messages[:FIRST_RANGES], fenced)
             await self.announce([job])
             messages = messages[FIRST_RANGES:]
-        await self.broker.publish_many(messages)
+        await self._publish_claimed(job, messages, fenced)
         log.debug("job published", extra={"job": job.id, "events": len(rows), "ranges": ranges})
         return ranges if announced else None
+
+    async def _publish_claimed(self, job: JobToPublish, messages: list[tuple[str, bytes]], fenced: bool) -> None:
+        """Publish in batches, each after a check that the job is still ours (fenced)."""
+        for start in range(0, len(messages), PUBLISH_CHUNK):
+            if fenced and not await self.store.holds_claim(job.id, self.owner, CLAIM_LEASE_SECONDS):
+                raise ClaimLost(job.id)
+            await self.broker.publish_many(messages[start : start + PUBLISH_CHUNK])

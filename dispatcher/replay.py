@@ -58,16 +58,13 @@ class Outcome:
 async def replay(
     store: Store, broker: Transport, selector: Selector, *, limit: int | None = None, dry_run: bool = False
 ) -> list[Outcome]:
-    depth = await broker.queue_depth(broker.names.dlq) or 0
     held: list[Incoming] = []  # go back to the DLQ at the end
     outcomes: list[Outcome] = []
     replayed = 0
     releaser = Releaser(store, broker, window=0)
     try:
-        for _ in range(depth):  # each message once: the held ones are not requeued until the end
-            message = await broker.get(broker.names.dlq)
-            if message is None:
-                break
+        # each message once: the held ones stay unacked, so not delivered again, until the end
+        while (message := await broker.get(broker.names.dlq)) is not None:
             try:
                 if REFUSED_BY_HEADER in (message.headers or {}):
                     raise MessageError("a message a worker refused: never replayed")
@@ -123,8 +120,7 @@ async def replay(
                 replayed += 1
                 log.info("event replayed", extra={"job": dead.job_id, "event": dead.number, "attempt": attempt})
     finally:
-        for message in held:
-            await message.nack(requeue=True)
+        await broker.give_back(broker.names.dlq, held)
     return outcomes
 
 

@@ -229,15 +229,24 @@ class Store(Reads):
             released: list[asyncpg.Record] = await conn.fetch(q("release_ready_tasks"))
             return released
 
-    async def claim_jobs(self, window: int) -> list[int]:
+    async def claim_jobs(self, window: int, owner: str | None = None) -> list[int]:
+        """Claim pending jobs for ``owner`` up to ``window`` active ones, counted across
+        every control plane."""
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(q("lock_release_window"))
             active = await conn.fetchval(q("count_active_jobs"))
             if active >= window:
                 return []
-            return [r["id"] for r in await conn.fetch(q("claim_jobs"), window - active)]
+            return [r["id"] for r in await conn.fetch(q("claim_jobs"), window - active, owner)]
 
-    async def reclaim_stale_releasing(self, older_than: float) -> list[int]:
-        return [r["id"] for r in await self.pool.fetch(q("reclaim_stale_releasing"), older_than)]
+    async def reclaim_stale_releasing(self, older_than: float, owner: str | None = None) -> list[int]:
+        return [r["id"] for r in await self.pool.fetch(q("reclaim_stale_releasing"), older_than, owner)]
+
+    async def renew_claims(self, owner: str) -> None:
+        await self.pool.execute(q("renew_claims"), owner)
+
+    async def holds_claim(self, job_id: int, owner: str | None, lease: float) -> bool:
+        return bool(await self.pool.fetchval(q("holds_claim"), job_id, owner, lease))
 
     async def jobs_to_publish(self, job_ids: Sequence[int]) -> list[JobToPublish]:
         rows = await self.pool.fetch(q("jobs_to_publish"), list(job_ids))
@@ -305,7 +314,7 @@ class Store(Reads):
             ]
             if returns:
                 # the key, attempt, status and worker columns, then the issue given back
-                back = await conn.fetch(q("return_events"), *_columns(returns)[:5], [u.issue for u in returns])
+                back = await conn.fetch(q("return_events"), *_columns(returns)[:5], [u.issue for u in returns], True)
                 moved |= {r["job_id"] for r in back}
             # failures and returns may leave work for the control plane (the usual batch,
             # all running and finished, needs no look)
@@ -356,6 +365,36 @@ class Store(Reads):
 
     async def mark_lost_workers(self, silent_for: float) -> list[str]:
         return [r["id"] for r in await self.pool.fetch(q("mark_lost_workers"), silent_for)]
+
+    async def return_held(self, silent_for: float) -> list[Due]:
+        """Charge the events whose range came back while their holder seemed alive, if
+        it has been silent for ``silent_for`` seconds since (or is lost); returns what
+        the control plane must publish (their next attempts, or dead letters)."""
+        return await self._return_lost("held_returns", silent_for)
+
+    async def return_running_under(self, workers: Sequence[str]) -> list[Due]:
+        """Charge the events still running under these lost workers (nothing else would:
+        their ranges may have been acked already)."""
+        return await self._return_lost("running_under", list(workers)) if workers else []
+
+    async def _return_lost(self, query: str, arg: object) -> list[Due]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(q(query), arg)
+            if not rows:
+                return []
+            keys = [(r["job_id"], r["number"]) for r in rows]
+            n = len(rows)
+            await conn.fetch(
+                q("return_events"),
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+                [r["attempt"] for r in rows],
+                ["returned"] * n,
+                ["control-plane"] * n,
+                [r["issue"] for r in rows],
+                False,  # the holder is gone
+            )
+            return await self._due(conn, keys)
 
     async def active_jobs(self) -> list[int]:
         """Jobs whose queue may hold ranges (the release window: a bounded number)."""
@@ -417,6 +456,17 @@ class Store(Reads):
 
     async def unfinished_jobs(self) -> list[int]:
         return [r["id"] for r in await self.pool.fetch(q("unfinished_jobs"))]
+
+    async def stuck_jobs(self) -> list[int]:
+        return [r["id"] for r in await self.pool.fetch(q("stuck_jobs"))]
+
+    async def recently_ended_jobs(self, limit: int = 10_000) -> list[int]:
+        return [r["id"] for r in await self.pool.fetch(q("recently_ended_jobs"), limit)]
+
+    async def waiting_in_queue(self, job_ids: Sequence[int]) -> dict[int, int]:
+        """Events Postgres says wait in each job's queue (jobs with none are left out)."""
+        rows = await self.pool.fetch(q("waiting_in_queue"), list(job_ids))
+        return {r["job_id"]: r["waiting"] for r in rows}
 
     async def running_workflows(self) -> list[int]:
         return [r["id"] for r in await self.pool.fetch(q("running_workflows"))]

@@ -7,6 +7,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from transport.interface import Transport
+
 T = TypeVar("T")
 
 
@@ -20,3 +22,7 @@ async def eventually(check: Callable[[], Awaitable[T]], *, timeout: float = 20.0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {result!r})")
         await asyncio.sleep(0.05)
+
+
+async def queue_gone(broker: Transport, name: str) -> bool:
+    return await broker.queue_state(name) is None

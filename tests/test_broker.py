@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiormq
 import pytest
 
+from dispatcher.config import Settings
+from tests.helpers import eventually
+from transport.interface import Incoming
 from transport.rabbitmq import Broker
 
 
@@ -57,7 +62,8 @@ async def test_ack_all_acks_what_the_bookkeeper_committed_and_nothing_after(brok
     got = [await queue.get(no_ack=False) for _ in range(10)]
     await broker.ack_all(reversed(got[:7]))  # in any order
     await ch.close()
-    assert [body for body, _, _ in await drain(broker, name)] == [f"status {i}".encode() for i in range(7, 10)]
+    # (a quorum queue puts returned messages back in an order of its own)
+    assert sorted(body for body, _, _ in await drain(broker, name)) == [f"status {i}".encode() for i in range(7, 10)]
     await broker.delete_queue(name)
 
 
@@ -74,3 +80,53 @@ async def test_ack_all_skips_a_closed_channel(broker: Broker) -> None:
     await ch.close()
     assert len(await drain(broker, name)) == 1
     await broker.delete_queue(name)
+
+
+async def test_a_list_of_urls_is_tried_in_turn(settings: Settings) -> None:
+    # nothing listens on port 1: the first node is down, the second answers
+    urls = f"amqp://guest:guest@127.0.0.1:1/,{settings.amqp_url}"
+    broker = await Broker.connect(urls, settings.names, client="pytest-urls")
+    try:
+        await broker.declare_topology()
+        await broker.publish(settings.names.jobs, b"hello")
+        assert await broker.queue_depth(settings.names.jobs) == 1
+        assert (await broker.channel()) is not None  # the plain connection found it too
+    finally:
+        await broker.delete_topology()
+        await broker.close()
+
+
+async def test_a_list_of_urls_that_all_refuse_raises(settings: Settings) -> None:
+    with pytest.raises(OSError):
+        await Broker.connect("amqp://guest:guest@127.0.0.1:1/, amqp://guest:guest@127.0.0.1:2/", settings.names)
+
+
+async def test_quorum_and_classic_queues_are_declared_as_asked_and_a_classic_one_is_kept(settings: Settings) -> None:
+    # a deployment from before quorum queues were the default keeps its classic queues
+    classic = await Broker.connect(settings.amqp_url, settings.names, client="pytest-classic", queue_type="classic")
+    await classic.declare_topology()
+    quorum = await Broker.connect(settings.amqp_url, settings.names, client="pytest-quorum")
+    try:
+        await quorum.declare_topology()  # finds them classic: used as they are, not an error
+        await quorum.publish(settings.names.status, b"status")
+        assert await quorum.queue_depth(settings.names.status) == 1
+        got: list[bytes] = []
+
+        async def handler(message: Incoming) -> None:
+            got.append(message.body)
+            await message.ack()
+
+        stop = await quorum.consume(settings.names.status, handler, prefetch=1)
+        await eventually(lambda: asyncio.sleep(0, got == [b"status"]), what="the status consumed")
+        await stop()
+        # a job queue declared quorum takes x-queue-type: a classic declaration of it now clashes
+        await quorum.declare_job_queue(settings.names.job(1))
+        with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
+            await (await classic.channel()).declare_queue(settings.names.job(1), durable=True)
+        with pytest.raises(ValueError, match="queue type"):
+            await Broker.connect(settings.amqp_url, settings.names, queue_type="mirrored")
+    finally:
+        await quorum.delete_queue(settings.names.job(1))
+        await quorum.delete_topology()
+        await quorum.close()
+        await classic.close()

@@ -428,11 +428,11 @@ async def test_a_finished_jobs_queue_is_deleted_even_if_rabbitmq_is_away_at_that
         names = broker.names
         failed = False
 
-        async def delete_queue(self, name: str) -> None:
+        async def delete_queue(self, name: str, *, wait: bool = True) -> None:
             if not self.failed:
                 self.failed = True
                 raise aiormq.exceptions.AMQPConnectionError("connection lost")
-            await broker.delete_queue(name)
+            await broker.delete_queue(name, wait=wait)
 
     away = AwayOnce()
     done = await Finisher(store, away, lambda: None).check([job])  # type: ignore[arg-type]

@@ -72,9 +72,12 @@ class FakeStore:
     async def release_ready_tasks(self) -> list[Any]:
         return []
 
-    async def claim_jobs(self, window: int) -> list[int]:
+    async def claim_jobs(self, window: int, owner: str | None = None) -> list[int]:
         claimed, self.claimable = self.claimable[:window], self.claimable[window:]
         return claimed
+
+    async def holds_claim(self, job_id: int, owner: str | None, lease: float) -> bool:
+        return True
 
     async def jobs_to_publish(self, job_ids: Sequence[int]) -> list[JobToPublish]:
         return [self.jobs[j] for j in job_ids if j in self.jobs]

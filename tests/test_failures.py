@@ -24,7 +24,7 @@ from dispatcher.replay import Selector, cancel, replay
 from dispatcher.store import Store
 from dispatcher.submit import submit
 from schemas.messages import DeadLetter, EventRange, StatusUpdate, decode
-from tests.helpers import eventually
+from tests.helpers import eventually, queue_gone
 from transport.rabbitmq import Broker
 from workers.joblog import job_commands
 from workers.worker import Worker
@@ -160,7 +160,8 @@ async def dead_letters(broker: Broker) -> list[DeadLetter]:
 
 async def assert_no_job_queues(store: Store, broker: Broker, wf: int) -> None:
     for job_id in [r["id"] for r in await store.pool.fetch("SELECT id FROM jobs WHERE workflow_id = $1", wf)]:
-        assert await broker.queue_depth(broker.names.job(job_id)) is None, f"queue of job {job_id} left behind"
+        name = broker.names.job(job_id)  # deleted in the background
+        await eventually(lambda name=name: queue_gone(broker, name), timeout=10, what=f"{name} deleted")
 
 
 async def assert_consistent(store: Store) -> None:

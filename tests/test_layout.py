@@ -16,7 +16,7 @@ LIBRARY_STATE = {"confirmations", "message_id_delivery_tag", "write_queue"}
 # underscored but public (namedtuple's API, os._exit), or a class's own private method
 # called from its classmethod
 ALLOWED = {"_replace", "_asdict", "_fields", "_exit"}
-OWN = {("transport/rabbitmq.py", "_channel")}
+OWN = {("transport/rabbitmq.py", "_channel"), ("transport/rabbitmq.py", "_watch")}
 
 
 def offences(path: Path) -> list[str]:

@@ -12,7 +12,7 @@ import yaml
 
 from dispatcher.store import Store
 from dispatcher.submit import submit
-from schemas.messages import StatusUpdate
+from schemas.messages import Heartbeat, StatusUpdate
 from tests.conftest import EXAMPLES
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -351,3 +351,51 @@ async def test_a_job_nobody_can_set_up_fails_instead_of_being_announced_for_ever
     [due] = await store.setup_failed(job, "set-up failed: exit code 1")
     assert (due.status, due.number, due.error) == ("failed", n, "set-up failed: exit code 1")
     assert (await store.finish([job])).jobs == [(job, "failed")]
+
+
+def beat() -> Heartbeat:
+    return Heartbeat(host="h", pid=1, slots=1, state="live", started_at=T0)
+
+
+async def held_event(store: Store) -> tuple[int, int]:
+    """An event running under a live worker w1 whose range came back (w2 returned it):
+    as when w1's node of a RabbitMQ cluster dies and w1 reconnects elsewhere."""
+    job, n = await queued_event(store)
+    await store.apply([update(job, n, 1, "running", started_at=T0)], heartbeats=[("w1", beat())])
+    returned = StatusUpdate(job_id=job, number=n, attempt=1, status="returned", worker="w2", issue=0)
+    assert (await store.apply_batch([returned])).due == []
+    return job, n
+
+
+async def test_a_range_returned_while_its_holder_lives_charges_nothing(store: Store) -> None:
+    job, n = await held_event(store)
+    assert await state(store, job, n) == ("running", 1)  # left to its holder
+    assert await store.pool.fetchval("SELECT returned_at IS NOT NULL FROM events WHERE job_id = $1", job)
+    assert await store.return_held(60.0) == []  # not silent for long yet
+    await store.apply([], heartbeats=[("w1", beat())])  # the holder is heard from after it
+    assert await store.return_held(0.0) == []  # its own again
+    assert not await store.pool.fetchval("SELECT returned_at IS NOT NULL FROM events WHERE job_id = $1", job)
+    await store.apply([update(job, n, 1, "finished", started_at=T0, ended_at=T0, exit_code=0)])
+    assert await state(store, job, n) == ("finished", 1)
+    attempts = await store.pool.fetch("SELECT attempt, status FROM attempts WHERE job_id = $1", job)
+    assert [tuple(r) for r in attempts] == [(1, "finished")]  # no phantom attempt
+
+
+async def test_a_held_event_whose_holder_stays_silent_is_charged(store: Store) -> None:
+    job, n = await held_event(store)
+    due = await store.return_held(0.0)
+    assert [(d.number, d.status, d.attempt) for d in due] == [(n, "queued", 2)]
+    assert await state(store, job, n) == ("queued", 2)
+    lost = await store.pool.fetchrow("SELECT status, error FROM attempts WHERE job_id = $1 AND attempt = 1", job)
+    assert lost["status"] == "failed" and "lost with its worker w1" in lost["error"]
+    assert await store.return_held(0.0) == []  # charged once
+
+
+async def test_events_running_under_a_lost_worker_are_charged(store: Store) -> None:
+    job, n = await queued_event(store)
+    await store.apply([update(job, n, 1, "running", started_at=T0)], heartbeats=[("w1", beat())])
+    assert await store.return_running_under(["w2"]) == []  # not w2's
+    assert await store.mark_lost_workers(0.0) == ["w1"]
+    due = await store.return_running_under(["w1"])
+    assert [(d.number, d.status, d.attempt) for d in due] == [(n, "queued", 2)]
+    assert await store.return_running_under(["w1"]) == []  # and only once

@@ -14,8 +14,10 @@ The semantics both keep, and the code above relies on:
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -170,6 +172,11 @@ class Transport(abc.ABC):
     async def announcements(self) -> Announcements: ...
 
     @abc.abstractmethod
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` each time the connection is back after it was lost (its
+        consumers restored)."""
+
+    @abc.abstractmethod
     async def get(self, queue_name: str) -> Incoming | None:
         """One message from a queue, unacked (None if it has none ready)."""
 
@@ -189,7 +196,9 @@ class Transport(abc.ABC):
     async def declare_job_queue(self, name: str) -> None: ...
 
     @abc.abstractmethod
-    async def delete_queue(self, name: str) -> None: ...
+    async def delete_queue(self, name: str, *, wait: bool = True) -> None:
+        """``wait=False``: returns once the delete is sent, not done (a queue whose
+        members are down takes seconds to delete)."""
 
     @abc.abstractmethod
     async def purge_queue(self, name: str) -> None:
@@ -204,6 +213,18 @@ class Transport(abc.ABC):
         """Messages ready in a queue, or None if it does not exist."""
         state = await self.queue_state(name)
         return None if state is None else state[0]
+
+    async def give_back(self, queue_name: str, messages: Sequence[Incoming], *, wait: float = 2.0) -> None:
+        """Requeue messages taken from a queue with ``get``, and wait (``wait`` seconds at
+        most) until the queue shows them again: a quorum queue takes them back a moment
+        after the nack, and a command run right after must find them there."""
+        for message in messages:
+            await message.nack(requeue=True)
+        deadline = time.monotonic() + wait
+        while messages and time.monotonic() < deadline:  # (only the broker can say: polled)
+            if (await self.queue_depth(queue_name) or 0) >= len(messages):
+                return
+            await asyncio.sleep(0.02)
 
     # -- dead letters (the same on every broker) -------------------------------------
 

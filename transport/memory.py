@@ -468,6 +468,9 @@ class Connection(Transport):
         exchange.bindings.append((name, {}))
         self._consumer(self.broker.queues[name], handler, 0, no_ack=True)
 
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        pass  # a connection in memory is never lost and restored: closed is closed
+
     async def announcements(self) -> Announcements:
         self._check()
         self.broker.queue(self.names.jobs)
@@ -501,7 +504,7 @@ class Connection(Transport):
         self._check()
         self.broker.declare(name, dead_letter_to=self.names.dead_ranges)
 
-    async def delete_queue(self, name: str) -> None:
+    async def delete_queue(self, name: str, *, wait: bool = True) -> None:
         self._check()
         self.broker.delete(name)
 

@@ -10,6 +10,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
@@ -25,13 +26,15 @@ from aio_pika.abc import (
 )
 from aiormq import spec
 from aiormq.abc import DeliveredMessage
+from yarl import URL
 
 from transport import fastpath
 from transport.interface import DELAY_HEADER, REFUSED_BY_HEADER, Delivery, Handler, Incoming, JobQueue, Transport
 from transport.interface import Announcements as AnnouncementsBase
 from transport.names import Names
+from transport.outage import is_outage
 from transport.policy import DELAY_STEPS_MS, delay_step
-from transport.urls import redact
+from transport.urls import redact, split_urls
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,12 @@ __all__ = ["DELAY_HEADER", "REFUSED_BY_HEADER", "AmqpJobQueue", "Broker", "with_
 # to their queues. Workers run blocking payload functions in their event loop, so a
 # function that blocks longer than this loses its worker's connection.
 HEARTBEAT = 10
+# seconds between a lost connection's attempts to connect again (aio-pika's default is 5)
+RECONNECT_SECONDS = 1.0
+# what a queue operation may take: a quorum queue's declare can hang while its cluster
+# forms after a node died; it is then an outage, retried, never a wait for ever
+RPC_SECONDS = 15.0
+QUEUE_TYPES = ("quorum", "classic")
 
 
 def with_heartbeat(url: str, seconds: int = HEARTBEAT) -> str:
@@ -101,7 +110,8 @@ class AmqpJobQueue(JobQueue):
                 # aio_pika.IncomingMessage and the task that hands it over cost the worker
                 # more than the range's own bookkeeping
                 channel = await self._channel.get_underlay_channel()
-                self._tag = (await channel.basic_consume(self.name, self._deliver, no_ack=False)).consumer_tag
+                ok = await channel.basic_consume(self.name, self._deliver, no_ack=False, timeout=RPC_SECONDS)
+                self._tag = ok.consumer_tag
             except (aiormq.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError, RuntimeError) as exc:
                 # the job ended meanwhile (its queue deleted): ``get`` says there is nothing
                 log.debug("job queue unavailable", extra={"queue": self.name, "error": repr(exc)})
@@ -161,7 +171,7 @@ class AmqpJobQueue(JobQueue):
         if self._channel.is_closed:
             return None
         try:
-            queue = await self._channel.declare_queue(self.name, passive=True)
+            queue = await self._channel.declare_queue(self.name, passive=True, timeout=RPC_SECONDS)
         except (aiormq.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError, RuntimeError) as exc:
             # the job ended and its queue was deleted, or the connection dropped
             log.debug("job queue unavailable", extra={"queue": self.name, "error": repr(exc)})
@@ -224,12 +234,26 @@ class Broker(Transport):
     """Two connections: a robust one, which aio-pika restores after a broker restart with
     its consumers and the fixed topology, for consuming and publishing; and a plain one,
     opened again on demand, for short-lived work (a job's queue, passive checks), which
-    a restore must not replay (it would re-create deleted job queues)."""
+    a restore must not replay (it would re-create deleted job queues).
 
-    def __init__(self, connection: AbstractRobustConnection, names: Names, url: str, client: str) -> None:
+    Given the nodes of a cluster (several URLs), both connect to the first that answers,
+    and move on to the next when theirs is lost or keeps refusing: a worker whose node
+    dies carries on through another within seconds."""
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        names: Names,
+        urls: list[str],
+        client: str,
+        *,
+        current: int = 0,
+        queue_type: str = "quorum",
+    ) -> None:
         self.connection = connection
         self.names = names
-        self._url = url
+        self._urls = urls
+        self._current = current  # the node the robust connection uses (or tries next)
         self._client = client
         self._publisher: AbstractChannel | None = None
         self._reopen = asyncio.Lock()
@@ -237,19 +261,67 @@ class Broker(Transport):
         self._admin: AbstractChannel | None = None
         self._looker: AbstractChannel | None = None
         self._getter: AbstractChannel | None = None
+        self._deleter: AbstractChannel | None = None
         self._looking = asyncio.Lock()
         self._next_channel: asyncio.Future[tuple[AbstractChannel, int]] | None = None
+        self._failover: asyncio.Task[None] | None = None
+        self._queue_type = queue_type
+        self._declared: dict[str, dict[str, Any] | None] = {}  # fixed queues: their arguments (None: as found)
 
     @classmethod
-    async def connect(cls, url: str, names: Names, *, client: str = "dispatcher") -> Broker:
+    async def connect(
+        cls, url: str, names: Names, *, client: str = "dispatcher", queue_type: str = "quorum"
+    ) -> Broker:
+        """``url``: one AMQP URL, or several comma-separated, tried in turn. ``queue_type``:
+        of the durable queues it declares, quorum (replicated) or classic."""
+        if queue_type not in QUEUE_TYPES:
+            raise ValueError(f"queue type must be one of {', '.join(QUEUE_TYPES)}, not {queue_type!r}")
+        urls = [with_heartbeat(u) for u in split_urls(url)]
         log.info("connecting to RabbitMQ", extra={"url": redact(url)})
-        url = with_heartbeat(url)
-        connection = await aio_pika.connect_robust(url, client_properties={"connection_name": client})
-        broker = cls(connection, names, url, client)
-        await broker._channel()
-        return broker
+        for i, node in enumerate(urls):
+            try:
+                connection = await aio_pika.connect_robust(
+                    node, client_properties={"connection_name": client}, reconnect_interval=RECONNECT_SECONDS
+                )
+            except Exception as exc:
+                if not is_outage(exc) or i == len(urls) - 1:
+                    raise
+                log.warning("RabbitMQ node unavailable: trying another", extra={"url": redact(node), "error": str(exc)})
+                continue
+            broker = cls(connection, names, urls, client, current=i, queue_type=queue_type)
+            await broker._channel()
+            if len(urls) > 1:
+                broker._watch()
+            return broker
+        raise AssertionError("unreachable: the last node's failure is raised")
+
+    def _watch(self) -> None:
+        """Move the robust connection to the next node when it loses its own, and again
+        while it cannot reconnect (aio-pika retries the URL it is given)."""
+        self.connection.close_callbacks.add(lambda _connection, _exc: self._next_node())
+        self._failover = asyncio.ensure_future(self._keep_moving())
+
+    def _next_node(self) -> None:
+        if self.connection.is_closed:
+            return  # closed by us: nothing to restore
+        self._current = (self._current + 1) % len(self._urls)
+        assert isinstance(self.connection, aio_pika.RobustConnection)
+        self.connection.url = URL(self._urls[self._current])  # its next attempt's (aio-pika reads it each time)
+        log.warning("RabbitMQ connection lost: trying the next node", extra={"url": redact(self._urls[self._current])})
+
+    async def _keep_moving(self) -> None:
+        tried_at = time.monotonic()
+        while not self.connection.is_closed:
+            await asyncio.sleep(RECONNECT_SECONDS / 2)
+            if self.connection.connected.is_set():
+                tried_at = time.monotonic()
+            elif time.monotonic() - tried_at > 1.5 * RECONNECT_SECONDS:  # it had its try at this node
+                self._next_node()
+                tried_at = time.monotonic()
 
     async def close(self) -> None:
+        if self._failover is not None:
+            self._failover.cancel()
         if self._next_channel is not None:
             self._next_channel.cancel()
             with contextlib.suppress(BaseException):
@@ -266,10 +338,19 @@ class Broker(Transport):
                     return await self._plain.channel()
                 except (aiormq.exceptions.AMQPError, RuntimeError):
                     pass  # lost with the broker: connect again below
-            self._plain = await aio_pika.connect(
-                with_heartbeat(self._url), client_properties={"connection_name": self._client}
-            )
+            self._plain = await self._connect_plain()
             return await self._plain.channel()
+
+    async def _connect_plain(self) -> AbstractConnection:
+        """The plain connection, to the robust one's node first, then to the others."""
+        order = self._urls[self._current :] + self._urls[: self._current]
+        for i, node in enumerate(order):
+            try:
+                return await aio_pika.connect(node, client_properties={"connection_name": self._client})
+            except Exception as exc:
+                if not is_outage(exc) or i == len(order) - 1:
+                    raise
+        raise AssertionError("unreachable: the last node's failure is raised")
 
     async def _admin_channel(self) -> AbstractChannel:
         if self._admin is None or self._admin.is_closed:
@@ -279,25 +360,43 @@ class Broker(Transport):
     async def declare_topology(self) -> None:
         """Declare every fixed queue and exchange (idempotent; the control plane calls
         it, and tests; a worker's user may declare none of it)."""
-        ch = await self._channel()
         for name in (self.names.jobs, self.names.status, self.names.dlq, self.names.dead_ranges):
-            await ch.declare_queue(name, durable=True)
-        # statuses come in through an exchange of their own: a worker's user may write to
-        # it and to nothing else
-        status = await ch.declare_exchange(self.names.status_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
-        queue = await ch.get_queue(self.names.status, ensure=False)
-        await queue.bind(status)
-        delay = await ch.declare_exchange(self.names.delay, aio_pika.ExchangeType.HEADERS, durable=True)
+            await self._declare_durable(name)
         for step in DELAY_STEPS_MS:
             # on expiry a message goes back through the default exchange, under the
             # routing key it was published with: its job's queue, or es.jobs
-            queue = await ch.declare_queue(
-                self.names.retry(step),
-                durable=True,
-                arguments={"x-message-ttl": step, "x-dead-letter-exchange": ""},
-            )
+            await self._declare_durable(self.names.retry(step), {"x-message-ttl": step, "x-dead-letter-exchange": ""})
+        ch = await self._admin_channel()
+        # statuses come in through an exchange of their own: a worker's user may write to
+        # it and to nothing else
+        status = await ch.declare_exchange(self.names.status_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+        await (await ch.get_queue(self.names.status, ensure=False)).bind(status)
+        delay = await ch.declare_exchange(self.names.delay, aio_pika.ExchangeType.HEADERS, durable=True)
+        for step in DELAY_STEPS_MS:
+            queue = await ch.get_queue(self.names.retry(step), ensure=False)
             await queue.bind(delay, arguments={"x-match": "all", DELAY_HEADER: str(step)})
         await ch.declare_exchange(self.names.control, aio_pika.ExchangeType.FANOUT, durable=True)
+
+    def _arguments(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A durable queue's arguments: quorum queues (replicated on a cluster), their
+        leaders spread over its nodes, unless classic ones were asked for."""
+        arguments = dict(extra or {})
+        if self._queue_type == "quorum":
+            arguments |= {"x-queue-type": "quorum", "x-queue-leader-locator": "balanced"}
+        return arguments
+
+    async def _declare_durable(self, name: str, extra: dict[str, Any] | None = None) -> None:
+        arguments = self._arguments(extra)
+        ch = await self._admin_channel()
+        try:
+            await ch.declare_queue(name, durable=True, arguments=arguments, timeout=RPC_SECONDS)
+            self._declared[name] = arguments
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            # declared before with other arguments (a classic queue of a deployment from
+            # before quorum queues were the default, say): used as it is
+            log.warning("queue exists with other arguments: used as it is", extra={"queue": name, "error": str(exc)})
+            await (await self._admin_channel()).declare_queue(name, passive=True, timeout=RPC_SECONDS)
+            self._declared[name] = None
 
     def fixed_queues(self) -> list[str]:
         n = self.names
@@ -392,19 +491,19 @@ class Broker(Transport):
     # -- queues -----------------------------------------------------------------------
 
     async def declare_job_queue(self, name: str) -> None:
-        ch = await self._admin_channel()
-        await ch.declare_queue(
-            name,
-            durable=True,
-            arguments={
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": self.names.dead_ranges,
-            },
-        )
+        dead_letters = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.names.dead_ranges}
+        await self._declare_durable(name, dead_letters)
+        self._declared.pop(name, None)  # (only the fixed queues are remembered)
 
-    async def delete_queue(self, name: str) -> None:
-        ch = await self._admin_channel()
-        await ch.queue_delete(name)
+    async def delete_queue(self, name: str, *, wait: bool = True) -> None:
+        if wait:
+            await (await self._admin_channel()).queue_delete(name, timeout=RPC_SECONDS)
+            return
+        # on a channel of its own, without waiting for the answer: a quorum queue's delete
+        # takes seconds while one of its members is down, and blocks its channel meanwhile
+        if self._deleter is None or self._deleter.is_closed:
+            self._deleter = await self.channel()
+        await self._deleter.queue_delete(name, nowait=True)
 
     async def purge_queue(self, name: str) -> None:
         """Drop the messages ready in a queue (not those delivered and unacked); a missing
@@ -412,7 +511,7 @@ class Broker(Transport):
         await self.declare_job_queue(name)
         ch = await self._admin_channel()
         queue = await ch.get_queue(name, ensure=False)
-        await queue.purge()
+        await queue.purge(timeout=RPC_SECONDS)
 
     async def queue_state(self, name: str) -> tuple[int, int] | None:
         """(messages ready, consumers) of a queue, or None if it does not exist."""
@@ -427,7 +526,7 @@ class Broker(Transport):
             if self._looker is None or self._looker.is_closed:
                 self._looker = await self.channel()
             try:
-                return (await self._looker.declare_queue(name, passive=True)).declaration_result
+                return (await self._looker.declare_queue(name, passive=True, timeout=RPC_SECONDS)).declaration_result
             except aiormq.exceptions.ChannelNotFoundEntity:
                 return None
 
@@ -465,9 +564,13 @@ class Broker(Transport):
         """Consume with bounded prefetch; returns a coroutine function that stops it."""
         ch = await self.connection.channel()
         await ch.set_qos(prefetch_count=prefetch)
-        # declared (not just looked up) so that the robust channel restores the queue and
-        # its consumer after a broker restart
-        queue = await ch.declare_queue(queue_name, durable=True)
+        # declared as declare_topology declared it (or looked up): the robust channel
+        # restores the queue and its consumer after a broker restart
+        arguments = self._declared.get(queue_name)
+        if arguments is None:
+            queue = await ch.declare_queue(queue_name, passive=True, timeout=RPC_SECONDS)
+        else:
+            queue = await ch.declare_queue(queue_name, durable=True, arguments=arguments, timeout=RPC_SECONDS)
         tag = await queue.consume(handler, no_ack=False)
 
         async def stop() -> None:
@@ -476,6 +579,9 @@ class Broker(Transport):
                 await ch.close()
 
         return stop
+
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        self.connection.reconnect_callbacks.add(lambda _connection: callback())
 
     async def announcements(self) -> AnnouncementsBase:
         ch = await self.connection.channel()

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Coroutine
 from pathlib import Path
@@ -40,6 +41,9 @@ from workers.ranges import Ran, RangeRunner, refused
 from workers.reporter import StatusReporter
 
 log = logging.getLogger(__name__)
+
+# after a reconnect, heartbeats every second for this long (see Worker._reconnected)
+FAST_HEARTBEATS_SECONDS = 6.0
 
 
 def new_worker_id() -> str:
@@ -80,6 +84,7 @@ class Worker:
         self._looking: asyncio.Task[object] | None = None  # the slot waiting for an announcement
         # ranges being concluded (reported, then acked once confirmed) and tear-downs
         self._background: set[asyncio.Task[None]] = set()
+        self._fast_heartbeats_until = 0.0  # monotonic: heartbeats every second until then
 
     @property
     def events_done(self) -> int:
@@ -92,6 +97,7 @@ class Worker:
         # with their worker; what those started does not)
         if reaped := reap_orphans():
             log.warning("killed payloads a lost worker left behind", extra={"processes": reaped})
+        self.broker.on_reconnect(self._reconnected)
         self._announcements = await self.broker.announcements()
         await self.broker.listen_control(self._on_control)
         reporter = asyncio.create_task(self.reporter.run(), name="reporter")
@@ -151,7 +157,18 @@ class Worker:
         """Tells the control plane which jobs this worker serves; silence means lost."""
         while True:
             self.reporter.heartbeat(self._heartbeat("stopping" if self._stopping else "live"))
-            await asyncio.sleep(self.heartbeat_interval)
+            fast = time.monotonic() < self._fast_heartbeats_until
+            await asyncio.sleep(min(self.heartbeat_interval, 1.0) if fast else self.heartbeat_interval)
+
+    def _reconnected(self) -> None:
+        """Back after the broker (or our node of it) was lost. Our unacked ranges went back
+        and come again to someone, as if we had died: we say at once, and every second for
+        a while, that we live, so that the control plane leaves the events we run to us
+        (HELD_GRACE in dispatcher.control) instead of charging them an attempt."""
+        log.warning("connection to the broker restored", extra={"worker": self.id})
+        self._fast_heartbeats_until = time.monotonic() + FAST_HEARTBEATS_SECONDS
+        self.reporter.heartbeat(self._heartbeat("stopping" if self._stopping else "live"))
+        self.reporter.hurry()
 
     async def _on_control(self, message: Incoming) -> None:
         try:

@@ -84,9 +84,19 @@ WHERE job_id IN (SELECT id FROM j) AND status NOT IN ('finished', 'failed', 'can
 -- name: count_active_jobs
 SELECT count(*) FROM jobs WHERE status IN ('releasing', 'queued', 'running');
 
+-- name: try_lead
+-- The leader of the control planes holds this lock in an open transaction (dispatcher/leader.py).
+SELECT pg_try_advisory_xact_lock(4542410532);
+
+-- name: lock_release_window
+-- Counting the active jobs and claiming up to the window is one step across control
+-- planes: two that claimed at once would each fill the whole window.
+SELECT pg_advisory_xact_lock(4542410531);
+
 -- name: claim_jobs
--- The releaser claims pending jobs of released tasks, oldest first, up to its window.
-UPDATE jobs SET status = 'releasing', claimed_at = now()
+-- The releaser claims pending jobs of released tasks, oldest first, up to its window,
+-- for its control plane ($2), under a lease from now.
+UPDATE jobs SET status = 'releasing', claimed_at = now(), claimed_by = $2
 WHERE id IN (
     SELECT j.id FROM jobs j JOIN tasks t ON t.id = j.task_id
     WHERE j.status = 'pending' AND t.status IN ('released', 'running')
@@ -97,10 +107,21 @@ WHERE id IN (
 RETURNING id;
 
 -- name: reclaim_stale_releasing
--- Jobs left 'releasing' by a control plane that died while publishing them.
-UPDATE jobs SET claimed_at = now()
+-- Jobs left 'releasing' by a control plane that died (or stalled) while publishing them:
+-- their lease ran out. They become $2's.
+UPDATE jobs SET claimed_at = now(), claimed_by = $2
 WHERE status = 'releasing' AND claimed_at < now() - make_interval(secs => $1)
 RETURNING id;
+
+-- name: renew_claims
+-- A control plane's lease on the jobs it publishes, renewed.
+UPDATE jobs SET claimed_at = now() WHERE status = 'releasing' AND claimed_by = $1;
+
+-- name: holds_claim
+-- Whether control plane $2 still holds job $1 (a stalled one whose lease ran out and was
+-- taken over must publish nothing more of it: fencing).
+SELECT EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND status = 'releasing' AND claimed_by IS NOT DISTINCT FROM $2
+                                     AND claimed_at > now() - make_interval(secs => $3));
 
 -- name: jobs_to_publish
 SELECT j.id, j.workflow_id, j.task_id, t.label, t.payload, t.events_per_range, t.max_attempts, t.retry_delay
@@ -224,6 +245,11 @@ WHERE NOT issued;
 -- (reissued since) reissues nothing, so a range returned twice is not published twice.
 -- A stopped event goes back at its attempt. Each row updated becomes a new copy, marked
 -- unpublished until the caller has published it ('queued'), or failed for its dead letter.
+-- $7: a running event whose holder is live is 'held', not lost: a range comes back when
+-- its holder's connection is lost, which a broker node's crash does to a worker that
+-- lives on (it reconnects to another node and reports the event). Only returned_at is
+-- set then; the watchdog charges the event if the holder says nothing after it
+-- (held_returns). The watchdog's own calls pass false: the holder is gone.
 WITH r AS (
     SELECT DISTINCT ON (job_id, number) *
     FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::text[], $6::int[])
@@ -231,7 +257,10 @@ WITH r AS (
     ORDER BY job_id, number, attempt DESC
 ), k AS (
     SELECT e.job_id, e.number, e.status, e.attempt, e.worker AS holder, e.started_at, t.max_attempts,
-           CASE WHEN e.status = 'running' AND r.attempt = e.attempt
+           CASE WHEN e.status = 'running' AND r.attempt = e.attempt AND r.how = 'returned' AND $7
+                     AND EXISTS (SELECT 1 FROM workers w WHERE w.id = e.worker AND w.status IN ('live', 'stopping'))
+                     THEN 'held'
+                WHEN e.status = 'running' AND r.attempt = e.attempt
                      AND NOT (r.how = 'stopped' AND r.worker = e.worker) THEN 'lost'
                 WHEN e.status = 'running' AND r.attempt = e.attempt THEN 'again'
                 WHEN e.status IN ('ready', 'queued', 'retrying') AND r.issue = e.issue
@@ -249,6 +278,11 @@ WITH r AS (
     ON CONFLICT (job_id, number, attempt) DO UPDATE SET
         status = 'failed', ended_at = excluded.ended_at, error = excluded.error, recorded_at = clock_timestamp()
     WHERE a.status = 'running'
+), held AS (
+    UPDATE events e SET returned_at = coalesce(e.returned_at, clock_timestamp())
+    FROM k
+    WHERE e.job_id = k.job_id AND e.number = k.number AND k.action = 'held'
+      AND e.status = k.status AND e.attempt = k.attempt
 )
 UPDATE events e SET
     status = CASE WHEN k.action = 'lost' AND k.attempt >= k.max_attempts THEN 'failed' ELSE 'queued' END,
@@ -259,9 +293,10 @@ UPDATE events e SET
     unpublished = NOT (k.action = 'lost' AND k.attempt >= k.max_attempts),
     retry_at = NULL,
     ended_at = CASE WHEN k.action = 'lost' THEN clock_timestamp() ELSE e.ended_at END,
-    error = CASE WHEN k.action = 'lost' THEN 'lost with its worker ' || coalesce(k.holder, 'unknown') ELSE e.error END
+    error = CASE WHEN k.action = 'lost' THEN 'lost with its worker ' || coalesce(k.holder, 'unknown') ELSE e.error END,
+    returned_at = NULL
 FROM k
-WHERE e.job_id = k.job_id AND e.number = k.number AND k.action IS NOT NULL
+WHERE e.job_id = k.job_id AND e.number = k.number AND k.action IN ('lost', 'again')
   -- as read above: not moved meanwhile by a transaction that committed first
   AND e.status = k.status AND e.attempt = k.attempt
 RETURNING e.job_id, e.number, e.status;
@@ -345,6 +380,27 @@ RETURNING w.id, w.status;
 -- 'releasing' one too: its control plane may have died after publishing it whole).
 SELECT id FROM jobs WHERE status IN ('releasing', 'queued', 'running');
 
+-- name: stuck_jobs
+-- Active jobs none of whose events is left to run (a control plane died before finishing
+-- one, or republished one that had ended meanwhile): finished whatever their state.
+SELECT j.id FROM jobs j
+WHERE j.status IN ('releasing', 'queued', 'running')
+  AND NOT EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id
+                  AND e.status NOT IN ('finished', 'failed', 'cancelled'));
+
+-- name: waiting_in_queue
+-- Of these jobs, how many events Postgres says wait in the job's queue: queued, their
+-- copy published (a retry's range in a delay queue is 'retrying', not counted).
+SELECT job_id, count(*) AS waiting FROM events
+WHERE job_id = ANY ($1::bigint[]) AND status = 'queued' AND NOT unpublished
+GROUP BY job_id;
+
+-- name: recently_ended_jobs
+-- Jobs that ended in the last day, newest first (whose queue should be gone).
+SELECT id FROM jobs
+WHERE status IN ('finished', 'failed', 'cancelled') AND finished_at > now() - interval '1 day'
+ORDER BY finished_at DESC LIMIT $1;
+
 -- name: running_workflows
 SELECT id FROM workflows WHERE status = 'running';
 
@@ -379,6 +435,32 @@ WHERE w.status <> 'stopped';
 UPDATE workers SET status = 'lost', jobs = '{}'
 WHERE status IN ('live', 'stopping') AND last_seen < now() - make_interval(secs => $1)
 RETURNING id;
+
+-- name: held_returns
+-- Running events whose range came back while their holder seemed alive (return_events'
+-- 'held'): those whose holder has been heard from since are its own again (returned_at
+-- cleared, as for events that moved on); those whose holder has been silent for $1
+-- seconds since, or is lost or stopped, are returned: (job, number, attempt, issue).
+WITH settled AS (
+    UPDATE events e SET returned_at = NULL
+    WHERE e.returned_at IS NOT NULL
+      AND (e.status <> 'running'
+           OR EXISTS (SELECT 1 FROM workers w
+                      WHERE w.id = e.worker AND w.status IN ('live', 'stopping') AND w.last_seen > e.returned_at))
+    RETURNING e.job_id, e.number
+)
+SELECT e.job_id, e.number, e.attempt, e.issue
+FROM events e
+WHERE e.returned_at IS NOT NULL AND e.status = 'running'
+  AND NOT EXISTS (SELECT 1 FROM settled s WHERE s.job_id = e.job_id AND s.number = e.number)
+  AND (e.returned_at < now() - make_interval(secs => $1)
+       OR NOT EXISTS (SELECT 1 FROM workers w WHERE w.id = e.worker AND w.status IN ('live', 'stopping')));
+
+-- name: running_under
+-- Events of active jobs running under these workers (lost ones: nobody will report them).
+SELECT e.job_id, e.number, e.attempt, e.issue
+FROM events e JOIN jobs j ON j.id = e.job_id
+WHERE j.status IN ('releasing', 'queued', 'running') AND e.status = 'running' AND e.worker = ANY ($1::text[]);
 
 -- name: active_jobs
 SELECT id FROM jobs WHERE status IN ('releasing', 'queued', 'running') ORDER BY id;

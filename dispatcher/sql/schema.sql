@@ -61,6 +61,7 @@ CREATE TABLE jobs (
     started_at    timestamptz,
     finished_at   timestamptz,
     setup_failures integer NOT NULL DEFAULT 0,  -- workers whose set-up of it failed (0006)
+    claimed_by    text,  -- the control plane publishing it, under a lease renewed in claimed_at (0008)
     UNIQUE (task_id, seq)
 );
 CREATE INDEX jobs_workflow ON jobs (workflow_id);
@@ -89,9 +90,12 @@ CREATE TABLE events (
     unpublished boolean NOT NULL DEFAULT false,
     retry_at    timestamptz,
     dead_at     timestamptz,
+    -- migration 0007: its range came back while its worker seemed alive (charged only if it stays silent)
+    returned_at timestamptz,
     PRIMARY KEY (job_id, number),
     UNIQUE (task_id, number)
 ) WITH (fillfactor = 50);  -- room in each page for HOT updates (migration 0004)
+CREATE INDEX events_returned ON events (job_id, number) WHERE returned_at IS NOT NULL;
 
 CREATE TABLE attempts (
     job_id      bigint NOT NULL,

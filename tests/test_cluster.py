@@ -1,0 +1,174 @@
+"""On a 3-node RabbitMQ cluster on loopback (scripts/cluster.sh, beside the machine's own
+node, which is not touched): a client whose node dies moves to another, and a workflow
+run while the node its workers use is SIGKILLed finishes with every event once and no
+attempt charged for the crash. Skipped where rabbitmq-server is not installed here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dispatcher.config import Names, Settings
+from dispatcher.control import ControlPlane
+from dispatcher.store import Store
+from dispatcher.submit import submit
+from tests.conftest import ROOT
+from tests.helpers import eventually
+from tests.test_failures import write_workflow
+from transport.interface import Incoming
+from transport.rabbitmq import Broker
+from workers.worker import Worker
+
+SCRIPT = ROOT / "scripts" / "cluster.sh"
+SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+
+pytestmark = pytest.mark.skipif(not SERVER.exists(), reason="no local rabbitmq-server to run a cluster with")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    env: dict[str, str]
+
+    def run(self, *args: str) -> str:
+        out = subprocess.run([str(SCRIPT), *args], env=self.env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    def urls(self, *order: int) -> str:
+        urls = self.run("urls").split(",")
+        return ",".join(urls[n - 1] for n in order)
+
+    def kill(self, n: int) -> None:
+        self.run("kill", str(n))
+
+    def up(self, n: int) -> None:
+        self.run("up", str(n))
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    env = dict(os.environ, ES_CLUSTER_DIR="/tmp/es-cluster-test", ES_CLUSTER_PORT="5740")
+    c = Cluster(env)
+    c.run("stop")  # a cluster a killed run left behind
+    try:
+        c.run("start")
+        yield c
+    finally:
+        c.run("stop")
+
+
+@pytest.fixture
+async def node_names() -> Names:
+    return Names(prefix=f"c{uuid.uuid4().hex[:8]}.")
+
+
+async def test_a_client_moves_to_another_node_when_its_node_dies(cluster: Cluster, node_names: Names) -> None:
+    broker = await Broker.connect(cluster.urls(1, 2, 3), node_names, client="pytest-cluster")
+    try:
+        await broker.declare_topology()
+        got: list[bytes] = []
+
+        async def handler(message: Incoming) -> None:
+            got.append(message.body)
+            await message.ack()
+
+        await broker.consume(node_names.status, handler, prefetch=10)
+        await broker.publish_status(b"before")
+        await eventually(lambda: asyncio.sleep(0, got == [b"before"]), what="the first status")
+        cluster.kill(1)
+
+        async def published() -> bool:
+            try:
+                async with asyncio.timeout(2):
+                    await broker.publish_status(b"after")
+                return True
+            except Exception:
+                return False
+
+        await eventually(published, timeout=20, what="a publish through another node")
+        # the consumer was restored on the new node, and the queue (quorum) kept its messages
+        await eventually(lambda: asyncio.sleep(0, b"after" in got), timeout=20, what="the status consumed after")
+    finally:
+        cluster.up(1)  # first: deleting a quorum queue takes seconds while a member is down
+        with contextlib.suppress(Exception):
+            await broker.delete_topology()
+        await broker.close()
+
+
+async def test_a_node_killed_mid_run_charges_no_attempt_and_runs_every_event_once(
+    cluster: Cluster, node_names: Names, database: str, tmp_path: Path
+) -> None:
+    # payloads of seconds: when the node dies, events are running, and the ranges that
+    # held them come back (to a worker that returns them) while the workers that run
+    # them live on and still run them
+    n = 48
+    settings = Settings(
+        amqp_url=cluster.urls(3, 2, 1),  # the control plane on node 3
+        database_url=database,
+        names=node_names,
+        work_dir=tmp_path / "work",
+        log_dir=tmp_path / "logs",
+        batch_linger=0.01,
+        heartbeat_interval=1.0,
+        release_window=10,
+    )
+    store = await Store.connect(database)
+    control_broker = await Broker.connect(settings.amqp_url, node_names, client="pytest-control")
+    await control_broker.declare_topology()
+    cp = ControlPlane(settings, store, control_broker)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(cp.run(stop))]
+    workers = []
+    for i in range(2):  # the workers on node 1, the one that is killed
+        worker_broker = await Broker.connect(cluster.urls(1, 2, 3), node_names, client=f"pytest-worker-{i}")
+        worker = Worker(
+            worker_broker, slots=4, prefetch=8, work_dir=tmp_path / "work", log_dir=tmp_path / "logs",
+            heartbeat_interval=1.0,
+        )
+        workers.append(worker)
+        tasks.append(asyncio.create_task(worker.run(stop)))
+    try:
+        wf = await submit(
+            store,
+            write_workflow(tmp_path, {"isr": ["4.0"] * n}, function="tests.payloads:sleepy", per_job=8, per_range=1),
+        )
+
+        async def a_quarter_done() -> bool:
+            return await store.pool.fetchval("SELECT count(*) FROM events WHERE status = 'finished'") >= n // 4
+
+        await eventually(a_quarter_done, timeout=60, what="a quarter of the events finished")
+        cluster.kill(1)
+        # and a job queue loses its ranges on the way (as with a lost disk)
+        active = await store.pool.fetchval("SELECT max(id) FROM jobs WHERE status IN ('queued', 'running')")
+        if active is not None:
+            with contextlib.suppress(Exception):
+                await control_broker.purge_queue(node_names.job(active))
+
+        async def done() -> bool:
+            return await store.pool.fetchval("SELECT status FROM workflows WHERE id = $1", wf) == "finished"
+
+        await eventually(done, timeout=180, what="the workflow finished")
+        events = await store.pool.fetch("SELECT status, attempt FROM events")
+        assert {(r["status"], r["attempt"]) for r in events} == {("finished", 1)}
+        assert len(events) == n
+        attempts = await store.pool.fetch("SELECT status, count(*) FROM attempts GROUP BY status")
+        assert {r["status"]: r["count"] for r in attempts} == {"finished": n}  # no phantom attempt
+    finally:
+        cluster.up(1)
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for worker in workers:
+            with contextlib.suppress(Exception):
+                await worker.broker.close()
+        with contextlib.suppress(Exception):
+            await control_broker.delete_topology()
+        await control_broker.close()
+        await store.close()
