@@ -8,7 +8,7 @@ import logging
 import selectors
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ from dispatcher.connect import ServiceRefused, await_topology, connect_broker, c
 from dispatcher.status import follow, progress_line, render
 from dispatcher.store import Store
 from schemas.submission import SubmissionError
+from transport.interface import Transport
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,23 @@ def settings_from(
     names = Names(queue_prefix) if queue_prefix is not None else None
     urls = ",".join(amqp_url) if isinstance(amqp_url, tuple) else amqp_url
     return base.override(amqp_url=urls or None, database_url=database_url, names=names, **more)
+
+
+@contextlib.asynccontextmanager
+async def one_shot(settings: Settings, client: str, *, pool: int = 1) -> AsyncIterator[tuple[Store, Transport]]:
+    """The store and the broker of a one-shot command (no waiting for them: a user at a
+    terminal wants an answer), closed after it."""
+    from transport.rabbitmq import Broker
+
+    store = await Store.connect(settings.database_url, max_size=pool)
+    try:
+        broker = await Broker.connect(settings.amqp_url, settings.names, client=client, queue_type=settings.queue_type)
+        try:
+            yield store, broker
+        finally:
+            await broker.close()
+    finally:
+        await store.close()
 
 
 # select(2) takes file descriptors below 1024 only; a worker holds a few sockets and at
@@ -356,16 +374,11 @@ def doctor(repair: bool, **conn: Any) -> None:
     from dispatcher.finisher import Finisher
     from dispatcher.reconcile import Reconciler
     from dispatcher.releaser import Releaser
-    from transport.rabbitmq import Broker
 
     settings = settings_from(**conn)
 
     async def go() -> int:
-        store = await Store.connect(settings.database_url, max_size=2)
-        broker = await Broker.connect(
-            settings.amqp_url, settings.names, client="dispatcher-doctor", queue_type=settings.queue_type
-        )
-        try:
+        async with one_shot(settings, "dispatcher-doctor", pool=2) as (store, broker):
             releaser = Releaser(store, broker, window=settings.release_window)
             reconciler = Reconciler(store, broker, releaser, Finisher(store, broker, releaser.wake))
             found = await reconciler.look(deep=True)
@@ -375,9 +388,6 @@ def doctor(repair: bool, **conn: Any) -> None:
                 await reconciler.repair(found)
                 click.echo(f"repaired {len(found)} disagreement(s)")
                 return 0
-        finally:
-            await broker.close()
-            await store.close()
         if not found:
             click.echo("Postgres and RabbitMQ agree")
         return 1 if found else 0
@@ -392,21 +402,13 @@ def cancel(workflow_id: int, **conn: Any) -> None:
     """Cancel a running workflow: remaining events become 'cancelled', its queues are
     removed and workers stop its running payloads."""
     from dispatcher.replay import cancel as do_cancel
-    from transport.rabbitmq import Broker
 
     settings = settings_from(**conn)
 
     async def go() -> int:
-        store = await Store.connect(settings.database_url, max_size=1)
-        broker = await Broker.connect(
-            settings.amqp_url, settings.names, client="dispatcher-cancel", queue_type=settings.queue_type
-        )
-        try:
+        async with one_shot(settings, "dispatcher-cancel") as (store, broker):
             await broker.declare_topology()
             jobs = await do_cancel(store, broker, workflow_id)
-        finally:
-            await broker.close()
-            await store.close()
         if jobs is None:
             click.echo(f"error: workflow {workflow_id} is not running (or does not exist)", err=True)
             return 2
@@ -438,22 +440,14 @@ def replay(
     """Put failed events from the dead-letter queue back into their jobs with fresh attempts."""
     from dispatcher.replay import Selector
     from dispatcher.replay import replay as do_replay
-    from transport.rabbitmq import Broker
 
     settings = settings_from(**conn)
     selector = Selector(workflow=workflow_id, task=label, job=job_id, event=number, reason=reason)
 
     async def go() -> int:
-        store = await Store.connect(settings.database_url, max_size=1)
-        broker = await Broker.connect(
-            settings.amqp_url, settings.names, client="dispatcher-replay", queue_type=settings.queue_type
-        )
-        try:
+        async with one_shot(settings, "dispatcher-replay") as (store, broker):
             await broker.declare_topology()
             outcomes = await do_replay(store, broker, selector, limit=limit, dry_run=dry_run)
-        finally:
-            await broker.close()
-            await store.close()
         for outcome in outcomes:
             click.echo(outcome.describe())
         done = sum(o.action in ("replayed", "would replay") for o in outcomes)

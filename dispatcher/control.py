@@ -81,7 +81,7 @@ class ControlPlane:
             asyncio.create_task(self._every(UNCONSUMED_CHECK_SECONDS, self.charge_held, "held"), name="held"),
             asyncio.create_task(self.finisher.delete_queues(), name="queue deleter"),
             asyncio.create_task(
-                self._every(CLAIM_LEASE_SECONDS / 4, lambda: self.store.renew_claims(self.id), "claims", everyone=True),
+                self._every(CLAIM_LEASE_SECONDS / 4, self.releaser.renew_claims, "claims", everyone=True),
                 name="claims",
             ),
         ]

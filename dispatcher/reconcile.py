@@ -26,6 +26,12 @@ from transport.interface import Transport
 
 log = logging.getLogger(__name__)
 
+# a control plane that stalled while publishing a job (SIGSTOP, a frozen VM) and was taken
+# over may, if it wakes up, still send the batch it had started until RabbitMQ drops its
+# connection (two missed heartbeats): a queue found hollow is mended only once the job's
+# claim is older than that, so that such a batch is not published twice
+CLAIM_SETTLE_SECONDS = 30.0
+
 
 @dataclass(frozen=True)
 class Disagreement:
@@ -47,10 +53,11 @@ class Reconciler:
         self.finisher = finisher
         self._emptied: set[int] = set()  # jobs seen with an empty, unconsumed queue last round
 
-    async def look(self, *, deep: bool = False) -> list[Disagreement]:
+    async def look(self, *, deep: bool = False, settle: float = 0.0) -> list[Disagreement]:
         """Every disagreement between Postgres and RabbitMQ found now (changes nothing).
         ``deep``: also look for queues of recently ended jobs left behind (a doctor's
-        question; the watchdog leaves it, at a passive declare per job)."""
+        question; the watchdog leaves it, at a passive declare per job). ``settle``:
+        leave jobs claimed less than this many seconds ago (see CLAIM_SETTLE_SECONDS)."""
         names = self.broker.names
         found = [
             Disagreement(job, "job stuck", "every event has ended but the job is still active")
@@ -61,7 +68,7 @@ class Reconciler:
             state = await self.broker.queue_state(names.job(job))
             if state is None or state == (0, 0):
                 hollow[job] = state
-        for job, n in sorted((await self.store.waiting_in_queue(list(hollow))).items()):
+        for job, n in sorted((await self.store.waiting_in_queue(list(hollow), settle)).items()):
             if hollow[job] is None:
                 found.append(Disagreement(job, "queue missing", f"{n} events wait in Postgres"))
             else:
@@ -90,7 +97,7 @@ class Reconciler:
     async def round(self) -> list[Disagreement]:
         """One watchdog round: ``look``, then repair what is certain (an emptied queue
         only once it was seen emptied in the round before). Returns what it repaired."""
-        found = await self.look()
+        found = await self.look(settle=CLAIM_SETTLE_SECONDS)
         emptied = {d.job_id for d in found if d.kind == "queue emptied"}
         seen, self._emptied = self._emptied, emptied
         sure = [d for d in found if d.kind != "queue emptied" or d.job_id in seen]

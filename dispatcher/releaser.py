@@ -92,6 +92,12 @@ class Releaser:
         self.announced = Recent(10 * max(window, 100))  # by this releaser, in any way
         self.invited = Recent(10 * max(window, 100))  # on a worker's invitation
 
+    async def renew_claims(self) -> None:
+        """Renew the lease on the jobs this releaser is publishing (and only those: a job
+        it claimed and no longer works on must be free to be taken over)."""
+        if self.owner is not None and self.unfinished:
+            await self.store.renew_claims(self.owner, sorted(self.unfinished))
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -121,7 +127,7 @@ class Releaser:
         if self.unfinished:
             job_ids = sorted(self.unfinished)
             log.warning("publishing again jobs whose publish failed", extra={"jobs": job_ids[:20]})
-            await self._republish(job_ids, fenced=True)
+            await self.publish_jobs(job_ids, fenced=True, resume=True)
             published += len(job_ids)
         while job_ids := await self.store.claim_jobs(self.window, self.owner):
             await self.publish_jobs(job_ids, fenced=True)
@@ -129,33 +135,31 @@ class Releaser:
         return published
 
     async def reclaim(self, older_than: float) -> None:
-        """Publish again jobs a dead control plane left half-published. Their queue is
-        purged, never deleted: a worker may hold ranges of it unacked, and those must come
-        back to it if that worker dies. Purging drops only the ranges ready in it; every
-        event not started is republished from Postgres as a new copy, retries whose range
-        should have reached the queue by now included (a held copy may so run twice; if
-        its worker dies, it comes back stale and reissues nothing)."""
+        """Take over jobs a control plane left half-published (it died, or stalled past
+        its lease): publish what comes after the point its publication had reached
+        (``jobs.published_upto``). What it published stays as it is, in the queue or with
+        the workers that took it: nothing is published twice. (Should it have recorded a
+        batch and died before sending it, the reconciliation finds those events waiting
+        once the job's queue is empty.)"""
         async with self.busy:
             job_ids = await self.store.reclaim_stale_releasing(older_than, self.owner)
             if job_ids:
-                log.warning("republishing jobs left half-released", extra={"jobs": len(job_ids)})
-                await self._republish(job_ids, fenced=True)
+                log.warning("taking over jobs left half-published", extra={"jobs": len(job_ids)})
+                await self.publish_jobs(job_ids, fenced=True, resume=True)
 
     async def republish(self, job_ids: Sequence[int]) -> None:
         """Publish again, as new copies, what has not started in jobs whose queue lost its
         ranges (a queue purged or lost with a disk, found by the reconciliation)."""
         async with self.busy:
-            await self._republish(job_ids, fenced=False)
+            for job_id in job_ids:
+                await self.broker.purge_queue(self.broker.names.job(job_id))
+            await self.store.reissue_stale_jobs(job_ids)  # what a worker may hold is stale now
+            await self.publish_jobs(job_ids)
 
-    async def _republish(self, job_ids: Sequence[int], *, fenced: bool) -> None:
-        for job_id in job_ids:
-            await self.broker.purge_queue(self.broker.names.job(job_id))
-        await self.store.reissue_stale_jobs(job_ids)  # what a worker holds is stale now
-        await self.publish_jobs(job_ids, fenced=fenced)
-
-    async def publish_jobs(self, job_ids: Sequence[int], *, fenced: bool = False) -> None:
+    async def publish_jobs(self, job_ids: Sequence[int], *, fenced: bool = False, resume: bool = False) -> None:
         """Publish jobs' ranges and announce them. ``fenced``: jobs claimed by this
-        control plane, published only while the claim is still ours."""
+        control plane, published only while the claim is still ours, and how far each
+        batch goes recorded first. ``resume``: only what comes after that point."""
         jobs = await self.store.jobs_to_publish(job_ids)
         limit = asyncio.Semaphore(PUBLISH_CONCURRENCY)
         if fenced:
@@ -166,7 +170,7 @@ class Releaser:
             # while the rest of the window is still being published
             async with limit:
                 try:
-                    ranges = await self._publish_ranges(job, early=early, fenced=fenced)
+                    ranges = await self._publish_ranges(job, early=early, fenced=fenced, resume=resume)
                 except ClaimLost:
                     log.warning("job taken over by another control plane: publishing stopped", extra={"job": job.id})
                     self.unfinished.discard(job.id)
@@ -217,7 +221,9 @@ class Releaser:
         state = await self.broker.queue_state(self.broker.names.job(job.id))
         return state is not None and state[1] == 0 and state[0] < ranges
 
-    async def _publish_ranges(self, job: JobToPublish, *, early: bool = False, fenced: bool = False) -> int | None:
+    async def _publish_ranges(
+        self, job: JobToPublish, *, early: bool = False, fenced: bool = False, resume: bool = False
+    ) -> int | None:
         """All of a job's ranges into its queue (declared here). ``early``: announced
         once its first ranges are in, so that a worker starts on them while the rest
         follow; then returns how many ranges it has. Until all are in the job stays
@@ -226,15 +232,16 @@ class Releaser:
         as it does a redelivery."""
         queue = self.broker.names.job(job.id)
         await self.broker.declare_job_queue(queue)
-        rows = await self.store.job_events(job.id)
+        rows = await self.store.job_events(job.id, after=job.published_upto if resume else None)
         size = job.events_per_range
-        messages = []
+        messages: list[tuple[int, tuple[str, bytes]]] = []  # (its last event, the range)
         for start in range(0, len(rows), size):
             events = [
                 EventSpec(number=r["number"], payload=r["payload"], attempt=r["attempt"], issue=r["issue"])
                 for r in rows[start : start + size]
             ]
-            messages.append((queue, encode(EventRange(workflow_id=job.workflow_id, job_id=job.id, events=events))))
+            body = encode(EventRange(workflow_id=job.workflow_id, job_id=job.id, events=events))
+            messages.append((events[-1].number, (queue, body)))
         ranges = len(messages)
         announced = early and ranges > FIRST_RANGES
         if announced:
@@ -245,9 +252,14 @@ class Releaser:
         log.debug("job published", extra={"job": job.id, "events": len(rows), "ranges": ranges})
         return ranges if announced else None
 
-    async def _publish_claimed(self, job: JobToPublish, messages: list[tuple[str, bytes]], fenced: bool) -> None:
-        """Publish in batches, each after a check that the job is still ours (fenced)."""
+    async def _publish_claimed(
+        self, job: JobToPublish, messages: list[tuple[int, tuple[str, bytes]]], fenced: bool
+    ) -> None:
+        """Publish in batches; ``fenced``: each once the job is found still ours, and how
+        far it goes recorded (one statement), so that a control plane taking the job
+        over starts after it."""
         for start in range(0, len(messages), PUBLISH_CHUNK):
-            if fenced and not await self.store.holds_claim(job.id, self.owner, CLAIM_LEASE_SECONDS):
+            chunk = messages[start : start + PUBLISH_CHUNK]
+            if fenced and not await self.store.publishing(job.id, self.owner, CLAIM_LEASE_SECONDS, chunk[-1][0]):
                 raise ClaimLost(job.id)
-            await self.broker.publish_many(messages[start : start + PUBLISH_CHUNK])
+            await self.broker.publish_many(message for _, message in chunk)

@@ -48,6 +48,7 @@ class JobToPublish:
     events_per_range: int
     max_attempts: int
     retry_delay: float
+    published_upto: int | None = None  # a claimed job's publication reached this event
 
 
 @dataclass(frozen=True)
@@ -242,18 +243,23 @@ class Store(Reads):
     async def reclaim_stale_releasing(self, older_than: float, owner: str | None = None) -> list[int]:
         return [r["id"] for r in await self.pool.fetch(q("reclaim_stale_releasing"), older_than, owner)]
 
-    async def renew_claims(self, owner: str) -> None:
-        await self.pool.execute(q("renew_claims"), owner)
+    async def renew_claims(self, owner: str, job_ids: Iterable[int]) -> None:
+        await self.pool.execute(q("renew_claims"), owner, list(job_ids))
 
     async def holds_claim(self, job_id: int, owner: str | None, lease: float) -> bool:
         return bool(await self.pool.fetchval(q("holds_claim"), job_id, owner, lease))
+
+    async def publishing(self, job_id: int, owner: str | None, lease: float, upto: int) -> bool:
+        """Record that ``owner`` publishes the job's ranges up to event ``upto``, if it
+        still holds the job; False: it does not (another control plane took it over)."""
+        return await self.pool.fetchval(q("publishing"), job_id, owner, lease, upto) is not None
 
     async def jobs_to_publish(self, job_ids: Sequence[int]) -> list[JobToPublish]:
         rows = await self.pool.fetch(q("jobs_to_publish"), list(job_ids))
         return [JobToPublish(**dict(r)) for r in rows]
 
-    async def job_events(self, job_id: int) -> list[asyncpg.Record]:
-        return list(await self.pool.fetch(q("job_events"), job_id))
+    async def job_events(self, job_id: int, after: int | None = None) -> list[asyncpg.Record]:
+        return list(await self.pool.fetch(q("job_events"), job_id, after))
 
     async def mark_jobs_queued(self, job_ids: Sequence[int]) -> None:
         await self.pool.execute(q("mark_jobs_queued"), list(job_ids))
@@ -354,7 +360,7 @@ class Store(Reads):
             return await self._due(conn, [(r["job_id"], r["number"]) for r in rows]) if rows else []
 
     async def reissue_stale_jobs(self, job_ids: Sequence[int]) -> None:
-        """New copies of what has not started in jobs a dead control plane half-published."""
+        """New copies of what has not started in jobs whose queue lost its ranges."""
         await self.pool.execute(q("reissue_stale_jobs"), list(job_ids))
 
     async def dead_lettered(self, dead: Sequence[Due]) -> None:
@@ -463,9 +469,10 @@ class Store(Reads):
     async def recently_ended_jobs(self, limit: int = 10_000) -> list[int]:
         return [r["id"] for r in await self.pool.fetch(q("recently_ended_jobs"), limit)]
 
-    async def waiting_in_queue(self, job_ids: Sequence[int]) -> dict[int, int]:
-        """Events Postgres says wait in each job's queue (jobs with none are left out)."""
-        rows = await self.pool.fetch(q("waiting_in_queue"), list(job_ids))
+    async def waiting_in_queue(self, job_ids: Sequence[int], claimed_before: float = 0.0) -> dict[int, int]:
+        """Events Postgres says wait in each job's queue (jobs with none are left out, and
+        jobs claimed less than ``claimed_before`` seconds ago)."""
+        rows = await self.pool.fetch(q("waiting_in_queue"), list(job_ids), claimed_before)
         return {r["job_id"]: r["waiting"] for r in rows}
 
     async def running_workflows(self) -> list[int]:

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import aiormq
@@ -27,6 +28,9 @@ from dispatcher.config import DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, Names, Set
 from dispatcher.store import Store
 from transport.outage import patiently
 from transport.rabbitmq import Broker
+
+if TYPE_CHECKING:
+    from tests.test_crashes import Processes
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -163,3 +167,13 @@ async def broker(settings: Settings, store: Store) -> AsyncIterator[Broker]:
 
 def example(name: str) -> Path:
     return EXAMPLES / name
+
+
+@pytest.fixture
+def procs(settings: Settings, tmp_path: Path) -> Iterator[Processes]:
+    """CLI processes (dispatcher start, worker) of the test's namespace, stopped after it."""
+    from tests.test_crashes import Processes
+
+    p = Processes(settings, tmp_path)
+    yield p
+    p.stop()

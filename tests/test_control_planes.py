@@ -4,7 +4,10 @@ job's claim fenced by its lease, one leader at a time (against the real services
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 from dispatcher.config import Settings
@@ -13,10 +16,12 @@ from dispatcher.leader import LEADER_TIMEOUT, Leadership
 from dispatcher.releaser import CLAIM_LEASE_SECONDS, Releaser
 from dispatcher.store import Store
 from dispatcher.submit import submit
-from schemas.messages import EventRange, EventSpec, encode
+from schemas.messages import EventRange, EventSpec, decode, encode
 from tests.helpers import eventually
+from tests.test_crashes import Processes
 from tests.test_failures import write_workflow
 from transport.rabbitmq import Broker
+from workers.joblog import event_runs
 from workers.worker import Worker
 
 
@@ -58,6 +63,32 @@ async def test_a_control_plane_that_lost_its_claim_publishes_nothing_more(
     assert not await store.holds_claim(job, "cp-a", CLAIM_LEASE_SECONDS)
 
 
+async def test_a_job_taken_over_is_published_from_where_its_first_owner_stopped(
+    store: Store, broker: Broker, tmp_path: Path
+) -> None:
+    await submit(store, write_workflow(tmp_path, {"isr": [f"ok:{i}" for i in range(600)]}, per_job=600))
+    await store.release_ready_tasks()
+    [job] = await store.claim_jobs(10, "cp-a")
+    queue = broker.names.job(job)
+    await broker.declare_job_queue(queue)
+    # cp-a recorded and published its first batch (events 0..255), then stalled
+    assert await store.publishing(job, "cp-a", CLAIM_LEASE_SECONDS, 255)
+    first = [r for r in await store.job_events(job) if r["number"] <= 255]
+    await broker.publish_many((queue, encode(one_range(job, r["number"], r["payload"]))) for r in first)
+    await store.pool.execute("UPDATE jobs SET claimed_at = now() - interval '1 minute' WHERE id = $1", job)
+    await Releaser(store, broker, window=10, owner="cp-b").reclaim(CLAIM_LEASE_SECONDS)
+    numbers = []
+    while (message := await broker.get(queue)) is not None:
+        numbers += [e.number for e in decode(message.body, EventRange).events]
+        await message.ack()
+    assert sorted(numbers) == list(range(600))  # every event once: none published twice
+    assert await store.pool.fetchval("SELECT count(DISTINCT issue) FROM events WHERE job_id = $1", job) == 1
+
+
+def one_range(job: int, number: int, payload: str) -> EventRange:
+    return EventRange(workflow_id=1, job_id=job, events=[EventSpec(number=number, payload=payload, attempt=1)])
+
+
 async def test_a_claim_holds_while_its_owner_renews_it(store: Store, tmp_path: Path) -> None:
     await submit(store, write_workflow(tmp_path, {"isr": ["ok:0"]}, per_job=1))
     await store.release_ready_tasks()
@@ -66,7 +97,7 @@ async def test_a_claim_holds_while_its_owner_renews_it(store: Store, tmp_path: P
     assert not await store.holds_claim(job, "cp-b", CLAIM_LEASE_SECONDS)
     await store.pool.execute("UPDATE jobs SET claimed_at = now() - interval '1 minute' WHERE id = $1", job)
     assert not await store.holds_claim(job, "cp-a", CLAIM_LEASE_SECONDS)  # run out
-    await store.renew_claims("cp-a")
+    await store.renew_claims("cp-a", [job])
     assert await store.holds_claim(job, "cp-a", CLAIM_LEASE_SECONDS)
     assert await store.reclaim_stale_releasing(CLAIM_LEASE_SECONDS, "cp-b") == []  # renewed: not taken over
 
@@ -131,3 +162,60 @@ async def test_a_job_whose_control_plane_died_between_publishing_and_marking_it_
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_control_plane_paused_mid_publish_makes_no_event_run_twice(
+    settings: Settings, store: Store, procs: Processes, tmp_path: Path
+) -> None:
+    """Two control planes with a window of 4; the one publishing a job is SIGSTOPped for
+    45 s, longer than its lease (and the leader's timeout), then resumed. The other takes its
+    jobs over and the workflow finishes; no event runs twice, every event is finished at
+    attempt 1, and never more than 4 jobs were active."""
+    for _ in range(2):
+        procs.start("start", "--no-monitor", "--release-window", "4")
+    n = 3000
+    wf = await submit(
+        store, write_workflow(tmp_path, {"isr": [f"ok:{i}" for i in range(n)]}, function="tests.payloads:noop",
+                              per_job=500)
+    )
+
+    async def a_claim() -> str | None:
+        return await store.pool.fetchval("SELECT claimed_by FROM jobs WHERE status = 'releasing' LIMIT 1")
+
+    most_active = 0
+
+    async def sample() -> None:  # the window is 4 across both control planes, not 4 each
+        nonlocal most_active
+        while True:
+            active = await store.pool.fetchval(
+                "SELECT count(*) FROM jobs WHERE status IN ('releasing', 'queued', 'running')"
+            )
+            most_active = max(most_active, active)
+            await asyncio.sleep(0.02)
+
+    sampler = asyncio.create_task(sample())
+    owner = await eventually(a_claim, timeout=30, what="a job being published")
+    pid = int(owner.split(":")[1])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(2):
+            procs.start("worker", "--slots", "2")
+        # 45 s: past its lease, the leader's timeout, and RabbitMQ's heartbeats (which
+        # drop its connection: it wakes up to a reconnect, and must still publish nothing)
+        await asyncio.sleep(45)
+        assert CLAIM_LEASE_SECONDS + LEADER_TIMEOUT < 45
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+    async def finished() -> bool:
+        return await store.pool.fetchval("SELECT status FROM workflows WHERE id = $1", wf) == "finished"
+
+    await eventually(finished, timeout=120, what="the workflow finished")
+    sampler.cancel()
+    assert 0 < most_active <= 4
+    events = await store.pool.fetch("SELECT status, attempt FROM events")
+    assert len(events) == n and {(r["status"], r["attempt"]) for r in events} == {("finished", 1)}
+    runs: Counter[tuple[int, int]] = Counter()
+    for row in await store.pool.fetch("SELECT id, log_path FROM jobs"):
+        runs.update((row["id"], number) for number, _ in event_runs(Path(row["log_path"]).read_text()))
+    assert sum(runs.values()) == n and max(runs.values()) == 1  # every event ran exactly once

@@ -76,14 +76,14 @@ class FakeStore:
         claimed, self.claimable = self.claimable[:window], self.claimable[window:]
         return claimed
 
-    async def holds_claim(self, job_id: int, owner: str | None, lease: float) -> bool:
+    async def publishing(self, job_id: int, owner: str | None, lease: float, upto: int) -> bool:
         return True
 
     async def jobs_to_publish(self, job_ids: Sequence[int]) -> list[JobToPublish]:
         return [self.jobs[j] for j in job_ids if j in self.jobs]
 
-    async def job_events(self, job_id: int) -> list[dict[str, Any]]:
-        return self.events[job_id]
+    async def job_events(self, job_id: int, after: int | None = None) -> list[dict[str, Any]]:
+        return [e for e in self.events[job_id] if after is None or e["number"] > after]
 
     async def mark_jobs_queued(self, job_ids: Sequence[int]) -> None:
         self.calls.append(f"queued {list(job_ids)}")

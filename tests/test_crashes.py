@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -45,6 +44,7 @@ class Processes:
     def stop(self) -> None:
         for p in self.procs:
             if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)  # a stopped process cannot take SIGTERM
                 p.send_signal(signal.SIGTERM)
         for p in self.procs:
             try:
@@ -54,11 +54,6 @@ class Processes:
                 p.wait()
 
 
-@pytest.fixture
-def procs(settings: Settings, tmp_path: Path) -> Iterator[Processes]:
-    p = Processes(settings, tmp_path)
-    yield p
-    p.stop()
 
 
 async def finished(settings: Settings, wf: int, procs: Processes, timeout: float = 90) -> None:

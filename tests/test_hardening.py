@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -325,16 +324,6 @@ async def test_a_job_with_ranges_and_no_consumer_is_announced_at_once(
 
 
 # -- workers as processes: hung, killed --------------------------------------------------------
-
-
-@pytest.fixture
-def procs(settings: Settings, tmp_path: Path) -> Iterator[Processes]:
-    p = Processes(settings, tmp_path)
-    yield p
-    for proc in p.procs:  # a stopped process cannot take SIGTERM
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGCONT)
-    p.stop()
 
 
 async def test_a_hung_worker_loses_its_ranges_to_rabbitmq_heartbeats(

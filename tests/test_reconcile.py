@@ -29,6 +29,8 @@ async def released(store: Store, broker: Broker, tmp_path: Path, n: int = 6) -> 
     job = await store.pool.fetchval("SELECT id FROM jobs")
     assert await broker.queue_depth(broker.names.job(job)) == n
     await broker.purge_queue(broker.names.jobs)  # its announcement: not what is looked at here
+    # claimed a while ago (a job claimed just now is left alone: CLAIM_SETTLE_SECONDS)
+    await store.pool.execute("UPDATE jobs SET claimed_at = now() - interval '1 minute'")
     return job, Reconciler(store, broker, releaser, Finisher(store, broker, lambda: None))
 
 
@@ -79,6 +81,15 @@ async def test_a_job_whose_events_all_ended_is_finished_whatever_its_state(
     assert [d.kind for d in await reconciler.round()] == ["job stuck"]
     assert await store.pool.fetchval("SELECT status FROM jobs WHERE id = $1", job) == "finished"
     assert await store.pool.fetchval("SELECT status FROM workflows") == "finished"
+
+
+async def test_a_job_claimed_a_moment_ago_is_left_alone(store: Store, broker: Broker, tmp_path: Path) -> None:
+    # its control plane may have stalled mid-publish and be about to send the rest
+    job, reconciler = await released(store, broker, tmp_path)
+    await store.pool.execute("UPDATE jobs SET claimed_at = now()")
+    await broker.purge_queue(broker.names.job(job))
+    assert await reconciler.round() == [] and await reconciler.round() == []
+    assert [d.kind for d in await reconciler.look()] == ["queue emptied"]  # the doctor sees it
 
 
 async def test_a_job_being_served_is_left_alone(store: Store, broker: Broker, tmp_path: Path) -> None:

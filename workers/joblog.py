@@ -72,6 +72,15 @@ def job_commands(log: str) -> list[JobCommand]:
     return found
 
 
+_EVENT_HEAD = re.compile(r"^=== event (\d+) attempt (\d+) payload ", re.MULTILINE)
+
+
+def event_runs(log: str) -> list[tuple[int, int]]:
+    """Each run of an event a job log records, as (event number, attempt), in order: an
+    event run twice appears twice."""
+    return [(int(m[1]), int(m[2])) for m in _EVENT_HEAD.finditer(log)]
+
+
 class JobLogFile:
     def __init__(self, path: Path) -> None:
         self.path = path

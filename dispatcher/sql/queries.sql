@@ -114,8 +114,8 @@ WHERE status = 'releasing' AND claimed_at < now() - make_interval(secs => $1)
 RETURNING id;
 
 -- name: renew_claims
--- A control plane's lease on the jobs it publishes, renewed.
-UPDATE jobs SET claimed_at = now() WHERE status = 'releasing' AND claimed_by = $1;
+-- A control plane's lease on the jobs it is publishing ($2), renewed.
+UPDATE jobs SET claimed_at = now() WHERE status = 'releasing' AND claimed_by = $1 AND id = ANY ($2::bigint[]);
 
 -- name: holds_claim
 -- Whether control plane $2 still holds job $1 (a stalled one whose lease ran out and was
@@ -123,21 +123,33 @@ UPDATE jobs SET claimed_at = now() WHERE status = 'releasing' AND claimed_by = $
 SELECT EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND status = 'releasing' AND claimed_by IS NOT DISTINCT FROM $2
                                      AND claimed_at > now() - make_interval(secs => $3));
 
+-- name: publishing
+-- Control plane $2 is about to publish job $1's ranges up to event $4, if it still holds
+-- the job under its lease ($3 seconds); recorded first, so that one taking the job over
+-- starts after it (a batch recorded and never sent is found by the reconciliation).
+UPDATE jobs SET published_upto = $4
+WHERE id = $1 AND status = 'releasing' AND claimed_by IS NOT DISTINCT FROM $2
+  AND claimed_at > now() - make_interval(secs => $3)
+RETURNING id;
+
 -- name: jobs_to_publish
-SELECT j.id, j.workflow_id, j.task_id, t.label, t.payload, t.events_per_range, t.max_attempts, t.retry_delay
+SELECT j.id, j.workflow_id, j.task_id, t.label, t.payload, t.events_per_range, t.max_attempts, t.retry_delay,
+       j.published_upto
 FROM jobs j JOIN tasks t ON t.id = j.task_id
 WHERE j.id = ANY($1::bigint[])
 ORDER BY j.id;
 
 -- name: job_events
+-- What to publish of a job: its events not started, after event $2 if given (a job taken
+-- over: what comes before was published by the control plane that claimed it first).
 SELECT number, payload, greatest(attempt, 1) AS attempt, issue
-FROM events WHERE job_id = $1 AND status IN ('ready', 'queued')
+FROM events WHERE job_id = $1 AND status IN ('ready', 'queued') AND ($2::bigint IS NULL OR number > $2)
 ORDER BY number;
 
 -- name: reissue_stale_jobs
--- Jobs a dead control plane left half-published get new copies of what has not started
--- (their queue was purged of its ready ranges; held ones are now stale), retries whose
--- range should have reached the purged queue by now included.
+-- Jobs whose queue lost its ranges (the reconciliation) get new copies of what has not
+-- started (their queue was purged of what is left in it; copies held anywhere are now
+-- stale), retries whose range should have reached the queue by now included.
 UPDATE events SET issue = issue + 1,
                   status = CASE WHEN status = 'retrying' THEN 'queued' ELSE status END,
                   attempt = CASE WHEN status = 'retrying' THEN attempt + 1 ELSE attempt END,
@@ -390,10 +402,13 @@ WHERE j.status IN ('releasing', 'queued', 'running')
 
 -- name: waiting_in_queue
 -- Of these jobs, how many events Postgres says wait in the job's queue: queued, their
--- copy published (a retry's range in a delay queue is 'retrying', not counted).
-SELECT job_id, count(*) AS waiting FROM events
-WHERE job_id = ANY ($1::bigint[]) AND status = 'queued' AND NOT unpublished
-GROUP BY job_id;
+-- copy published (a retry's range in a delay queue is 'retrying', not counted). Only
+-- jobs claimed more than $2 seconds ago: a control plane that stalled while publishing
+-- one may still send what it had started to until RabbitMQ drops its connection.
+SELECT e.job_id, count(*) AS waiting FROM events e JOIN jobs j ON j.id = e.job_id
+WHERE e.job_id = ANY ($1::bigint[]) AND e.status = 'queued' AND NOT e.unpublished
+  AND (j.claimed_at IS NULL OR j.claimed_at < now() - make_interval(secs => $2))
+GROUP BY e.job_id;
 
 -- name: recently_ended_jobs
 -- Jobs that ended in the last day, newest first (whose queue should be gone).

@@ -62,6 +62,7 @@ CREATE TABLE jobs (
     finished_at   timestamptz,
     setup_failures integer NOT NULL DEFAULT 0,  -- workers whose set-up of it failed (0006)
     claimed_by    text,  -- the control plane publishing it, under a lease renewed in claimed_at (0008)
+    published_upto bigint,  -- ... and the last event number its publication reached (0008)
     UNIQUE (task_id, seq)
 );
 CREATE INDEX jobs_workflow ON jobs (workflow_id);
