@@ -12,7 +12,8 @@ own node) and stops it at the end.
 - A node killed mid-run: the control plane on node 3, both workers on node 1, 10 ms async
   payloads in ranges of 10. Node 1 is SIGKILLed once a third of the events are finished.
   It measures the seconds from the kill to the first event that started after it and
-  finished, and the wall time. It also counts the attempts charged "lost with its worker"
+  finished (a worker may still have one in hand), the longest pause without an event
+  finishing from the kill on, and the wall time. It also counts the attempts charged "lost with its worker"
   (phantom attempts: every worker lived through it), and the events that did not end
   `finished` at their first attempt.
 """
@@ -70,11 +71,19 @@ async def kill_once(settings: Settings, cluster: Cluster, events: int) -> dict[s
         first = await ns.conn.fetchval(
             "SELECT min(ended_at) FROM attempts WHERE status = 'finished' AND started_at > to_timestamp($1)", killed
         )
+        # the longest time without an event finishing, from just before the kill on (the
+        # first event finished after it may be one a worker still had in hand)
+        pause = await ns.conn.fetchval(
+            """SELECT max(gap) FROM (SELECT extract(epoch FROM ended_at - lag(ended_at) OVER (ORDER BY ended_at)) AS gap
+               FROM attempts WHERE status = 'finished' AND ended_at > to_timestamp($1 - 1)) g""",
+            killed,
+        )
         phantom = await ns.conn.fetchval("SELECT count(*) FROM attempts WHERE error LIKE 'lost with its worker%'")
         again = await ns.conn.fetchval("SELECT count(*) FROM events WHERE status <> 'finished' OR attempt <> 1")
         return {
             "seconds": round(end.timestamp() - t0, 2),
             "kill_to_first_event_s": round(first.timestamp() - killed, 2) if first else -1.0,
+            "longest_pause_s": round(float(pause or 0.0), 2),
             "phantom_attempts": float(phantom),
             "events_not_first_time": float(again),
         }
@@ -134,7 +143,8 @@ def markdown(report: dict[str, Any]) -> str:
     if k:
         lines += [
             "",
-            f"Node killed mid-run (workers' node): first event finished {k['kill_to_first_event_s']} s after the kill; "
+            f"Node killed mid-run (workers' node): first event finished {k['kill_to_first_event_s']} s after the kill, "
+            f"longest pause without an event finishing {k.get('longest_pause_s', '-')} s; "
             f"{int(k['phantom_attempts'])} phantom attempts; {int(k['events_not_first_time'])} events not finished at "
             f"their first attempt; workflow wall time {k['seconds']} s.",
         ]

@@ -265,6 +265,7 @@ class Broker(Transport):
         self._looking = asyncio.Lock()
         self._next_channel: asyncio.Future[tuple[AbstractChannel, int]] | None = None
         self._failover: asyncio.Task[None] | None = None
+        self._closing = False
         self._queue_type = queue_type
         self._declared: dict[str, dict[str, Any] | None] = {}  # fixed queues: their arguments (None: as found)
 
@@ -302,7 +303,7 @@ class Broker(Transport):
         self._failover = asyncio.ensure_future(self._keep_moving())
 
     def _next_node(self) -> None:
-        if self.connection.is_closed:
+        if self._closing or self.connection.is_closed:
             return  # closed by us: nothing to restore
         self._current = (self._current + 1) % len(self._urls)
         assert isinstance(self.connection, aio_pika.RobustConnection)
@@ -320,6 +321,7 @@ class Broker(Transport):
                 tried_at = time.monotonic()
 
     async def close(self) -> None:
+        self._closing = True
         if self._failover is not None:
             self._failover.cancel()
         if self._next_channel is not None:
