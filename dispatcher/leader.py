@@ -33,7 +33,6 @@ class Leadership:
         self.owner = owner
         self._conn: asyncpg.Connection | None = None
         self._leading = False
-        self.changed = asyncio.Event()  # set when this process becomes leader or stops being it
 
     @property
     def is_leader(self) -> bool:
@@ -69,7 +68,6 @@ class Leadership:
         await self._conn.execute("BEGIN")
         if await self._conn.fetchval(q("try_lead")):
             self._leading = True
-            self.changed.set()
             log.info("leading the control planes", extra={"owner": self.owner})
         else:
             await self._conn.execute("ROLLBACK")
@@ -78,7 +76,6 @@ class Leadership:
         if self._leading:
             log.warning("no longer leading the control planes", extra={"owner": self.owner, "error": why})
             self._leading = False
-            self.changed.set()
         if self._conn is not None and not self._conn.is_closed():
             self._conn.terminate()
         self._conn = None

@@ -166,7 +166,6 @@ class MemoryBroker:
         self.queues: dict[str, Queue] = {}
         self.exchanges: dict[str, Exchange] = {}
         self.tags = itertools.count(1)
-        self.dead_lettered = 0  # rejected messages that went to their dead-letter queue
 
     def connect(self, names: Names) -> Connection:
         return Connection(self, names)
@@ -236,7 +235,6 @@ class MemoryBroker:
         if queue.dead_letter_to is not None and queue.dead_letter_to in self.queues:
             death = {"queue": queue.name, "reason": "rejected", "count": 1}
             headers = {**message.headers, "x-death": [death, *message.headers.get("x-death", [])]}
-            self.dead_lettered += 1
             self.put(self.queues[queue.dead_letter_to], Message(message.body, headers, queue.dead_letter_to))
 
     def dispatch(self, queue: Queue) -> None:
@@ -390,7 +388,7 @@ class Connection(Transport):
 
     async def delete_topology(self) -> None:
         n = self.names
-        for name in (n.jobs, n.status, n.dlq, n.dead_ranges, *(n.retry(step) for step in DELAY_STEPS_MS)):
+        for name in n.fixed_queues():
             self.broker.delete(name)
         for exchange in (n.delay, n.control, n.status_exchange):
             self.broker.exchanges.pop(exchange, None)

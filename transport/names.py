@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from transport.policy import DELAY_STEPS_MS
+
 
 @dataclass(frozen=True)
 class Names:
@@ -53,6 +55,10 @@ class Names:
 
     def job(self, job_id: int) -> str:
         return f"{self.prefix}es.job.{job_id}"
+
+    def fixed_queues(self) -> list[str]:
+        """Every queue but the jobs' own: declared and deleted with the topology."""
+        return [self.jobs, self.status, self.dlq, self.dead_ranges, *(self.retry(step) for step in DELAY_STEPS_MS)]
 
 
 def job_log_path(log_dir: Path, workflow_id: int, job_id: int) -> Path:

@@ -400,14 +400,10 @@ class Broker(Transport):
             await (await self._admin_channel()).declare_queue(name, passive=True, timeout=RPC_SECONDS)
             self._declared[name] = None
 
-    def fixed_queues(self) -> list[str]:
-        n = self.names
-        return [n.jobs, n.status, n.dlq, n.dead_ranges, *(n.retry(step) for step in DELAY_STEPS_MS)]
-
     async def delete_topology(self) -> None:
         """Remove every fixed queue and exchange (tests; a user's purge)."""
         ch = await self._channel()
-        for name in self.fixed_queues():
+        for name in self.names.fixed_queues():
             await ch.queue_delete(name)
         for exchange in (self.names.delay, self.names.control, self.names.status_exchange):
             await ch.exchange_delete(exchange)
