@@ -246,9 +246,6 @@ class Store(Reads):
     async def renew_claims(self, owner: str, job_ids: Iterable[int]) -> None:
         await self.pool.execute(q("renew_claims"), owner, list(job_ids))
 
-    async def holds_claim(self, job_id: int, owner: str | None, lease: float) -> bool:
-        return bool(await self.pool.fetchval(q("holds_claim"), job_id, owner, lease))
-
     async def publishing(self, job_id: int, owner: str | None, lease: float, upto: int) -> bool:
         """Record that ``owner`` publishes the job's ranges up to event ``upto``, if it
         still holds the job; False: it does not (another control plane took it over)."""

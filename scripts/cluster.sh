@@ -6,7 +6,9 @@
 #   scripts/cluster.sh up N         start node N again (it rejoins its cluster)
 #   scripts/cluster.sh urls         the AMQP URLs, comma-separated (DISPATCHER_AMQP_URL)
 #   scripts/cluster.sh ctl N ARGS   rabbitmqctl against node N
-#   scripts/cluster.sh leader Q     the node leading quorum queue Q (1..3)
+#   scripts/cluster.sh leaders      every quorum queue and the node leading it (1..3)
+#   scripts/cluster.sh leader Q     the node leading quorum queue Q
+#   scripts/cluster.sh rebalance    spread the quorum queues' leaders over the nodes again
 # Ports: AMQP 5701..5703, distribution 25701..25703 (ES_CLUSTER_PORT moves both); nodes
 # es5700_1..3@localhost.
 # Files: $ES_CLUSTER_DIR (default /tmp/es-cluster). Needs rabbitmq-server installed.
@@ -129,12 +131,23 @@ ctl)
     shift 2
     ctl "$n" "$@"
     ;;
+leaders)
+    # every quorum queue and the node (1..3) leading it, a line each
+    ctl 1 list_queues name type leader --formatter json 2>/dev/null | python3 -c \
+        'import json,sys
+for r in json.load(sys.stdin):
+    if r.get("type") == "quorum" and "@" in (r.get("leader") or ""):
+        print(r["name"], r["leader"].split("@")[0].rsplit("_", 1)[-1])'
+    ;;
 leader)
-    ctl 1 list_queues name leader --formatter json 2>/dev/null | python3 -c \
-        'import json,sys; q={r["name"]: r.get("leader") or "" for r in json.load(sys.stdin)}; l=q.get(sys.argv[1], ""); print(l.split("@")[0].rsplit("_", 1)[-1] if "@" in l else "")' "$2"
+    "$0" leaders | awk -v q="$2" '$1 == q {print $2}'
+    ;;
+rebalance)
+    # leaders stay where a failover put them when their node returns: spread them again
+    in_node 1 "$SBIN/rabbitmq-queues" -n "$(node 1)" rebalance quorum >/dev/null
     ;;
 *)
-    sed -n '2,10p' "$0"
+    sed -n "2,12p" "$0"
     exit 2
     ;;
 esac

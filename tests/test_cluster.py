@@ -57,6 +57,10 @@ class Cluster:
         """The node (1..3) leading a quorum queue."""
         return int(self.run("leader", queue))
 
+    def leaders(self) -> dict[str, int]:
+        """Every quorum queue of the cluster and the node (1..3) leading it."""
+        return {name: int(node) for name, node in (line.split() for line in self.run("leaders").splitlines())}
+
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
@@ -105,6 +109,36 @@ async def test_a_client_moves_to_another_node_when_its_node_dies(cluster: Cluste
         cluster.up(1)  # first: deleting a quorum queue takes seconds while a member is down
         with contextlib.suppress(Exception):
             await broker.delete_topology()
+        await broker.close()
+
+
+async def test_job_queues_are_led_from_every_node_not_from_the_one_the_control_plane_uses(
+    cluster: Cluster, node_names: Names
+) -> None:
+    """The control plane is connected to node 1 only, yet the job queues it declares get
+    their leaders on the nodes that lead the fewest queues ("balanced"), so that one node
+    does not carry every job's traffic. Enough queues are declared that every node must
+    get some and the cluster ends even (to one), whatever earlier tests left behind;
+    client-local placement would put them all on node 1."""
+    broker = await Broker.connect(cluster.urls(1), node_names, client="pytest-cluster")
+    queues: list[str] = []
+    try:
+        before = Counter(cluster.leaders().values())
+        top = max(before[n] for n in (1, 2, 3))
+        count = sum(top - before[n] for n in (1, 2, 3)) + 6
+        queues = [node_names.job(job) for job in range(1, count + 1)]
+        for queue in queues:
+            await broker.declare_job_queue(queue)
+        leaders = cluster.leaders()
+        assert set(queues) <= set(leaders)  # every job queue is a quorum queue
+        placed = Counter(leaders[q] for q in queues)
+        assert all(placed[n] >= 2 for n in (1, 2, 3)), placed
+        after = Counter(leaders.values())
+        assert max(after.values()) - min(after.values()) <= 1, (before, after)
+    finally:
+        for queue in queues:
+            with contextlib.suppress(Exception):
+                await broker.delete_queue(queue)
         await broker.close()
 
 

@@ -60,7 +60,7 @@ async def test_a_control_plane_that_lost_its_claim_publishes_nothing_more(
     await stalled.publish_jobs([job], fenced=True)
     assert await broker.queue_depth(queue) == 600  # not one range more
     assert await store.pool.fetchval("SELECT status FROM jobs WHERE id = $1", job) == "queued"  # by cp-b
-    assert not await store.holds_claim(job, "cp-a", CLAIM_LEASE_SECONDS)
+    assert not await store.publishing(job, "cp-a", CLAIM_LEASE_SECONDS, 0)
 
 
 async def test_a_job_taken_over_is_published_from_where_its_first_owner_stopped(
@@ -93,12 +93,12 @@ async def test_a_claim_holds_while_its_owner_renews_it(store: Store, tmp_path: P
     await submit(store, write_workflow(tmp_path, {"isr": ["ok:0"]}, per_job=1))
     await store.release_ready_tasks()
     [job] = await store.claim_jobs(10, "cp-a")
-    assert await store.holds_claim(job, "cp-a", CLAIM_LEASE_SECONDS)
-    assert not await store.holds_claim(job, "cp-b", CLAIM_LEASE_SECONDS)
+    assert await store.publishing(job, "cp-a", CLAIM_LEASE_SECONDS, 0)
+    assert not await store.publishing(job, "cp-b", CLAIM_LEASE_SECONDS, 0)
     await store.pool.execute("UPDATE jobs SET claimed_at = now() - interval '1 minute' WHERE id = $1", job)
-    assert not await store.holds_claim(job, "cp-a", CLAIM_LEASE_SECONDS)  # run out
+    assert not await store.publishing(job, "cp-a", CLAIM_LEASE_SECONDS, 0)  # run out
     await store.renew_claims("cp-a", [job])
-    assert await store.holds_claim(job, "cp-a", CLAIM_LEASE_SECONDS)
+    assert await store.publishing(job, "cp-a", CLAIM_LEASE_SECONDS, 0)
     assert await store.reclaim_stale_releasing(CLAIM_LEASE_SECONDS, "cp-b") == []  # renewed: not taken over
 
 

@@ -117,12 +117,6 @@ RETURNING id;
 -- A control plane's lease on the jobs it is publishing ($2), renewed.
 UPDATE jobs SET claimed_at = now() WHERE status = 'releasing' AND claimed_by = $1 AND id = ANY ($2::bigint[]);
 
--- name: holds_claim
--- Whether control plane $2 still holds job $1 (a stalled one whose lease ran out and was
--- taken over must publish nothing more of it: fencing).
-SELECT EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND status = 'releasing' AND claimed_by IS NOT DISTINCT FROM $2
-                                     AND claimed_at > now() - make_interval(secs => $3));
-
 -- name: publishing
 -- Control plane $2 is about to publish job $1's ranges up to event $4, if it still holds
 -- the job under its lease ($3 seconds); recorded first, so that one taking the job over
