@@ -205,7 +205,7 @@ class Bookkeeper:
         self.applied += len(updates)
         # not only the jobs this batch moved: a duplicate may be all that is left of a
         # batch whose finish check was lost in a crash
-        ended = {u.job_id for u in updates if u.status in ("finished", "failed", "returned", "stopped")}
+        ended = {u.job_id for u in updates if u.status in ("finished", "failed", "fatal", "returned", "stopped")}
         self._committed.append((ended, [message for message, _ in taken]))
         self._has_committed.set()
         return moved

@@ -137,6 +137,10 @@ def monitor_app(settings: Settings, store: Store, broker: Any) -> Any:
         read_token=settings.monitor_read_token,
         log_dir=settings.log_dir,  # logs are served from under it only
         hosts=settings.monitor_hosts or default_hosts(settings.monitor_host),
+        pilot_token=settings.pilot_token,
+        pilot_origin=settings.pilot_origin,
+        pilot_lease=settings.pilot_lease,
+        pilot_wait=settings.pilot_wait,
     )
     return create_app(store, broker, config)
 

@@ -38,6 +38,13 @@ class Settings:
     monitor_hosts: tuple[str, ...] = ()
     # durable queues: quorum (replicated on a cluster, survive a node) or classic
     queue_type: str = "quorum"
+    # PanDA pilots (the monitor's /server/panda): token and Origin they must send when
+    # set; how long one holds what it was handed after its last call (a pilot calls
+    # updateJob every 30 min at least), and how long getEventRanges waits for work
+    pilot_token: str | None = None
+    pilot_origin: str | None = None
+    pilot_lease: float = 3600.0
+    pilot_wait: float = 60.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -57,6 +64,10 @@ class Settings:
             monitor_read_token=env.get("DISPATCHER_MONITOR_READ_TOKEN") or None,
             monitor_hosts=tuple(h.strip() for h in env.get("DISPATCHER_MONITOR_HOSTS", "").split(",") if h.strip()),
             queue_type=env.get("DISPATCHER_QUEUE_TYPE", "quorum"),
+            pilot_token=env.get("DISPATCHER_PILOT_TOKEN") or None,
+            pilot_origin=env.get("DISPATCHER_PILOT_ORIGIN") or None,
+            pilot_lease=float(env.get("DISPATCHER_PILOT_LEASE", "3600")),
+            pilot_wait=float(env.get("DISPATCHER_PILOT_WAIT", "60")),
         )
 
     def override(self, **changes: object) -> Settings:

@@ -12,6 +12,7 @@ import asyncpg
 import orjson
 
 from dispatcher import migrate
+from dispatcher.leases import Leases
 from dispatcher.queries import q
 from dispatcher.reads import Reads
 from schemas.messages import Heartbeat, JobLog, StatusUpdate
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # statuses that bring events back to the control plane, to be issued again (return_events)
 RETURNS = ("returned", "stopped")
+FAILURES = ("failed", "fatal")
+_RANK = {**EVENT_RANK, "fatal": EVENT_RANK["failed"]}  # of what a worker reports, as far as it goes
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -109,7 +112,7 @@ def newest_updates(updates: Iterable[StatusUpdate]) -> list[StatusUpdate]:
     for u in updates:
         key = (u.job_id, u.number, u.attempt)
         old = best.get(key)
-        if old is None or EVENT_RANK[u.status] > EVENT_RANK[old.status]:
+        if old is None or _RANK[u.status] > _RANK[old.status]:
             if old is not None and u.started_at is None and old.started_at is not None and old.worker == u.worker:
                 u = u.model_copy(update={"started_at": old.started_at})
             best[key] = u
@@ -130,8 +133,9 @@ def _columns(updates: Sequence[StatusUpdate]) -> list[list[Any]]:
     ]
 
 
-class Store(Reads):
-    """The bookkeeping: the write paths here, the monitor's reads in ``Reads``."""
+class Store(Reads, Leases):
+    """The bookkeeping: the write paths here, the monitor's reads in ``Reads``, the PanDA
+    pilots' leases in ``Leases``."""
 
     def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
         self.pool = pool
@@ -183,6 +187,7 @@ class Store(Reads):
                     p.request_walltime,
                     p.payload.model_dump(exclude_none=True),
                     p.retry_delay,
+                    p.pilot_command,
                 )
             for p in plans:
                 for parent in p.parents:
@@ -321,7 +326,7 @@ class Store(Reads):
                 moved |= {r["job_id"] for r in back}
             # failures and returns may leave work for the control plane (the usual batch,
             # all running and finished, needs no look)
-            pending = [u for u in updates if u.status == "failed"] + returns
+            pending = [u for u in updates if u.status in FAILURES] + returns
             if pending:
                 due = await self._due(conn, [(u.job_id, u.number) for u in pending])
             if moved:

@@ -36,8 +36,10 @@ SCHEMA_VERSION = 2
 #     delivered it again): not run here; the control plane charges the attempt only if
 #     Postgres saw it running, and issues the events again;
 #   stopped: this worker gave the event back unfinished (shutdown, job closed): issued
-#     again at the same attempt (a shutdown is not a failure of the payload).
-EventStatus = Literal["running", "finished", "failed", "returned", "stopped"]
+#     again at the same attempt (a shutdown is not a failure of the payload);
+#   fatal: failed, and no further attempt is to be made (a PanDA pilot's "fatal"): the
+#     event fails and is dead-lettered whatever attempts it has left.
+EventStatus = Literal["running", "finished", "failed", "returned", "stopped", "fatal"]
 Id = Annotated[int, Field(ge=1, le=2**63 - 1, strict=True)]
 
 

@@ -83,6 +83,9 @@ class LabelConfig(BaseModel):
     payloadTimeout: Seconds | None = None
     jobSetupCommand: str | None = None  # run once per job and worker, before its first event
     jobTeardownCommand: str | None = None  # run once per job and worker, after its last event
+    # what a PanDA pilot runs for a job of this label (its transformation, then jobPars):
+    # a payload that takes the job's event ranges from the pilot (docs/pilot.md)
+    pilotCommand: str | None = None
     requestWalltime: Seconds | None = None
     dependsOn: list[str] = []
     numberOfRetries: Retries | None = None
@@ -240,6 +243,7 @@ class LabelPlan:
     retry_delay: float
     events_per_range: int
     payload: PayloadSpec
+    pilot_command: str | None = None  # what a PanDA pilot runs for the label's jobs
 
 
 def plan(sub: Submission) -> list[LabelPlan]:
@@ -280,6 +284,7 @@ def plan(sub: Submission) -> list[LabelPlan]:
                     setup=cfg.jobSetupCommand,
                     teardown=cfg.jobTeardownCommand,
                 ),
+                pilot_command=cfg.pilotCommand,
             )
         )
     return plans

@@ -10,9 +10,10 @@ HMAC of the read token, HttpOnly, SameSite=Strict), which reads and never acts. 
 whose ``Host`` is not one of the monitor's names are refused (DNS rebinding), and job
 logs are served only from under the log directory, at the path derived from the ids.
 
-The app is three routers: ``api`` (JSON reads, /metrics), ``actions`` (cancel, replay)
-and ``pages`` (HTML, login, job logs), over ``views`` (what they show), ``auth`` (who may
-read or act) and ``params`` (what routes take and answer).
+The app is four routers: ``api`` (JSON reads, /metrics), ``actions`` (cancel, replay),
+``pages`` (HTML, login, job logs) and ``panda`` (the PanDA pilot's calls, with a token of
+their own), over ``views`` (what they show), ``auth`` (who may read or act) and
+``params`` (what routes take and answer).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from dispatcher.monitor import actions, api, pages
+from dispatcher.monitor import actions, api, pages, panda
 from dispatcher.monitor.auth import SESSION_COOKIE, Guards, LoginNeeded
 from dispatcher.monitor.config import MonitorConfig, default_hosts, host_pattern
 from dispatcher.monitor.server import serve
 from dispatcher.monitor.views import Views
+from dispatcher.pilot import Pilots
 from dispatcher.store import Store
 from schemas.api import ReplayRequest
 from transport.interface import Transport
@@ -47,6 +49,9 @@ def create_app(store: Store, broker: Transport | None, config: MonitorConfig) ->
     app.include_router(actions.router(store, broker, guards))
     app.include_router(api.metrics_router(views, guards))
     app.include_router(pages.router(views, guards))
+    if broker is not None:  # the pilots' ranges come off the job queues
+        pilots = Pilots(store, broker, lease=config.pilot_lease, wait=config.pilot_wait)
+        app.include_router(panda.router(store, pilots, token=config.pilot_token, origin=config.pilot_origin))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:

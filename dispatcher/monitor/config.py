@@ -15,6 +15,13 @@ class MonitorConfig:
     refresh_ms: int = 2000
     log_dir: Path | None = None  # job logs are served from under it only (None: not served)
     hosts: tuple[str, ...] = LOOPBACK_HOSTS  # accepted Host header names, any port ("*": any)
+    # the PanDA pilot API (dispatcher.monitor.panda): its token and Origin when set, how
+    # long a pilot holds what it was handed after its last call, and how long a
+    # getEventRanges waits for work that may still come
+    pilot_token: str | None = None
+    pilot_origin: str | None = None
+    pilot_lease: float = 3600.0
+    pilot_wait: float = 60.0
 
 
 def default_hosts(monitor_host: str) -> tuple[str, ...]:

@@ -5,8 +5,8 @@ INSERT INTO workflows (name, spec, mapping_path) VALUES ($1, $2, $3) RETURNING i
 
 -- name: insert_task
 INSERT INTO tasks (workflow_id, label, event_service, max_payloads_per_job, events_per_range,
-                   max_attempts, request_walltime, payload, retry_delay)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                   max_attempts, request_walltime, payload, retry_delay, pilot_command)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 RETURNING id;
 
 -- name: insert_task_dep
@@ -174,14 +174,16 @@ WHERE job_id IN (SELECT id FROM j) AND status = 'ready';
 -- the same attempt further along (queued < running < finished/failed). Terminal events
 -- never move, so duplicates and stale attempts change nothing. A failed attempt with
 -- attempts left makes the event 'retrying' (the control plane then issues the next);
--- the last one makes it 'failed'.
+-- the last one makes it 'failed'. A 'fatal' one (a PanDA pilot's) is a failed attempt
+-- that gets no next one.
 --
 -- Every attempt is recorded, with the worker that ran it.
 WITH u AS (
-    SELECT *
+    SELECT job_id, number, attempt, CASE WHEN how = 'fatal' THEN 'failed' ELSE how END AS status,
+           how = 'fatal' AS fatal, worker, started_at, ended_at, exit_code, error
     FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::text[], $5::text[],
                 $6::timestamptz[], $7::timestamptz[], $8::int[], $9::text[])
-         AS u(job_id, number, attempt, status, worker, started_at, ended_at, exit_code, error)
+         AS u(job_id, number, attempt, how, worker, started_at, ended_at, exit_code, error)
 ), k AS (
     SELECT u.*, e.task_id, e.job_id IS NOT NULL AS known,
            e.job_id IS NOT NULL AND u.attempt <= greatest(e.attempt, 1) + (e.status = 'retrying')::int AS issued
@@ -205,7 +207,7 @@ WITH u AS (
         -- event would apply an arbitrary one (a batch may hold several attempts of it);
         -- a failure is retried if the task has attempts left (looked up for failures only)
         SELECT DISTINCT ON (job_id, number) *,
-               CASE WHEN status <> 'failed' THEN false
+               CASE WHEN status <> 'failed' OR fatal THEN false
                     ELSE attempt < (SELECT t.max_attempts FROM tasks t WHERE t.id = k.task_id) END AS retry
         FROM k
         WHERE issued
@@ -441,15 +443,17 @@ ON CONFLICT (id) DO UPDATE SET
 WHERE w.status <> 'stopped';
 
 -- name: mark_lost_workers
+-- Workers silent for $1 seconds, pilots for their lease.
 UPDATE workers SET status = 'lost', jobs = '{}'
-WHERE status IN ('live', 'stopping') AND last_seen < now() - make_interval(secs => $1)
+WHERE status IN ('live', 'stopping') AND last_seen < now() - make_interval(secs => coalesce(lease_seconds, $1))
 RETURNING id;
 
 -- name: held_returns
 -- Running events whose range came back while their holder seemed alive (return_events'
 -- 'held'): those whose holder has been heard from since are its own again (returned_at
 -- cleared, as for events that moved on); those whose holder has been silent for $1
--- seconds since, or is lost or stopped, are returned: (job, number, attempt, issue).
+-- seconds since (a pilot: its lease), or is lost or stopped, are returned: (job, number,
+-- attempt, issue).
 WITH settled AS (
     UPDATE events e SET returned_at = NULL
     WHERE e.returned_at IS NOT NULL
@@ -460,10 +464,10 @@ WITH settled AS (
 )
 SELECT e.job_id, e.number, e.attempt, e.issue
 FROM events e
+LEFT JOIN workers w ON w.id = e.worker AND w.status IN ('live', 'stopping')
 WHERE e.returned_at IS NOT NULL AND e.status = 'running'
   AND NOT EXISTS (SELECT 1 FROM settled s WHERE s.job_id = e.job_id AND s.number = e.number)
-  AND (e.returned_at < now() - make_interval(secs => $1)
-       OR NOT EXISTS (SELECT 1 FROM workers w WHERE w.id = e.worker AND w.status IN ('live', 'stopping')));
+  AND (w.id IS NULL OR e.returned_at < now() - make_interval(secs => coalesce(w.lease_seconds, $1)));
 
 -- name: running_under
 -- Events of active jobs running under these workers (lost ones: nobody will report them).
@@ -627,3 +631,101 @@ UPDATE events e SET status = 'failed', error = $2, ended_at = now(), unpublished
 FROM j
 WHERE e.job_id = j.id AND j.given_up AND e.status IN ('ready', 'queued', 'retrying')
 RETURNING e.job_id, e.number;
+
+-- PanDA pilots (dispatcher/pilot): a pilot holding job J is the worker 'pilot:J', whose
+-- heartbeat is its calls and whose silence is measured against its lease.
+
+-- name: pilot_job
+-- A job as a pilot's calls name it.
+SELECT j.id, j.task_id, j.workflow_id, j.status, j.n_events, t.label, t.pilot_command, t.max_attempts,
+       w.name AS workflow
+FROM jobs j JOIN tasks t ON t.id = j.task_id JOIN workflows w ON w.id = j.workflow_id
+WHERE j.id = $1;
+
+-- name: pilot_take_job
+-- getJob: the oldest active job with events waiting that no live pilot holds becomes
+-- the job of a pilot ($1 its host, $2 its lease in seconds, $3 its cores). Concurrent
+-- calls skip each other's job (one pilot per PanDA job, as in PanDA).
+WITH j AS (
+    SELECT j.id FROM jobs j
+    WHERE j.status IN ('releasing', 'queued', 'running')
+      AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.id = 'pilot:' || j.id AND w.status IN ('live', 'stopping'))
+      AND EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id AND e.status IN ('ready', 'queued', 'retrying'))
+    ORDER BY j.id
+    LIMIT 1
+    FOR UPDATE OF j SKIP LOCKED
+)
+INSERT INTO workers AS w (id, host, pid, slots, status, jobs, started_at, last_seen, lease_seconds)
+SELECT 'pilot:' || j.id, $1, 0, $3, 'live', ARRAY[j.id], now(), now(), $2 FROM j
+ON CONFLICT (id) DO UPDATE SET
+    host = excluded.host, slots = excluded.slots, status = 'live', jobs = excluded.jobs, events_done = 0,
+    started_at = now(), last_seen = now(), lease_seconds = excluded.lease_seconds
+WHERE w.status NOT IN ('live', 'stopping')
+RETURNING w.jobs[1] AS job_id;
+
+-- name: pilot_seen
+-- A pilot's call ($1 the pilot, $2 its host, $3 its job, $4 its lease): its lease runs
+-- from now. One lost meanwhile is live again: what it held was charged and issued again,
+-- and its late reports of those attempts are stale.
+INSERT INTO workers AS w (id, host, pid, slots, status, jobs, started_at, last_seen, lease_seconds)
+VALUES ($1, $2, 0, 1, 'live', ARRAY[$3::bigint], now(), now(), $4)
+ON CONFLICT (id) DO UPDATE SET status = 'live', jobs = excluded.jobs, last_seen = now(),
+                               lease_seconds = excluded.lease_seconds;
+
+-- name: pilot_lease
+-- The events of a range taken off job $1's queue for pilot $2 ($3 numbers, $4 attempts,
+-- $5 issues): each still waiting for that copy's attempt is now running under the pilot,
+-- its lease recorded before the range is acked. A stale copy (reissued since, or run
+-- elsewhere meanwhile) takes nothing. Returns what the pilot is handed.
+WITH r AS (
+    SELECT * FROM unnest($3::bigint[], $4::int[], $5::int[]) AS r(number, attempt, issue)
+), taken AS (
+    UPDATE events e SET status = 'running', attempt = r.attempt, worker = $2, started_at = clock_timestamp(),
+                        ended_at = NULL, exit_code = NULL, error = NULL, returned_at = NULL, retry_at = NULL
+    FROM r
+    WHERE e.job_id = $1 AND e.number = r.number AND e.issue = r.issue
+      AND ((e.status IN ('ready', 'queued') AND r.attempt = greatest(e.attempt, 1))
+           OR (e.status = 'retrying' AND r.attempt = e.attempt + 1))
+    RETURNING e.job_id, e.number, e.attempt, e.started_at
+), recorded AS (
+    INSERT INTO attempts (job_id, number, attempt, status, worker, started_at)
+    SELECT job_id, number, attempt, 'running', $2, started_at FROM taken
+    ON CONFLICT (job_id, number, attempt) DO NOTHING
+)
+SELECT number, attempt FROM taken ORDER BY number;
+
+-- name: pilot_outstanding
+-- Whether more of job $1 may come to pilot $2: the job is active and some event of it is
+-- neither ended nor the pilot's own (waiting, retrying, or held by another worker that
+-- may be lost).
+SELECT j.status IN ('releasing', 'queued', 'running')
+       AND EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id AND e.status NOT IN ('finished', 'failed', 'cancelled')
+                   AND NOT (e.status = 'running' AND e.worker = $2))
+FROM jobs j WHERE j.id = $1;
+
+-- name: pilot_holds
+-- Of these attempts of job $1's events ($3 numbers, $4 attempts), those pilot $2 was
+-- handed and that are still its last: what its reports may speak of (a report of an
+-- older attempt, charged when the pilot's lease ran out, is stale).
+SELECT e.number, e.attempt
+FROM events e JOIN unnest($3::bigint[], $4::int[]) AS k(number, attempt)
+     ON e.job_id = $1 AND e.number = k.number AND e.attempt = k.attempt
+WHERE e.worker = $2;
+
+-- name: pilot_running
+-- What pilot $2 still runs of job $1 (given back when it says its job ended).
+SELECT number, attempt, issue FROM events WHERE job_id = $1 AND status = 'running' AND worker = $2;
+
+-- name: pilot_stop
+UPDATE workers SET status = 'stopped', jobs = '{}', last_seen = now() WHERE id = $1 AND lease_seconds IS NOT NULL;
+
+-- name: pilot_available
+-- checkEventsAvailability: the events of job $1 that wait for a worker.
+SELECT count(*) FROM events WHERE job_id = $1 AND status IN ('ready', 'queued', 'retrying');
+
+-- name: task_mapping
+-- A task's events, number and payload (the label's part of a mapping file).
+SELECT number, payload FROM events WHERE task_id = $1 ORDER BY number;
+
+-- name: task_label
+SELECT label FROM tasks WHERE id = $1;

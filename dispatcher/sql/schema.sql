@@ -34,6 +34,7 @@ CREATE TABLE tasks (
     started_at            timestamptz,
     finished_at           timestamptz,
     retry_delay           double precision NOT NULL DEFAULT 2,
+    pilot_command         text,  -- what a PanDA pilot runs for its jobs (0009)
     UNIQUE (workflow_id, label)
 );
 
@@ -144,5 +145,6 @@ CREATE TABLE workers (
     events_done  bigint NOT NULL DEFAULT 0,
     started_at   timestamptz NOT NULL,
     last_seen    timestamptz NOT NULL,
-    setting_up   bigint[] NOT NULL DEFAULT '{}'  -- jobs it sets up, not consumed yet (0006)
+    setting_up   bigint[] NOT NULL DEFAULT '{}',  -- jobs it sets up, not consumed yet (0006)
+    lease_seconds double precision  -- a PanDA pilot's lease from its last call; NULL: a native worker (0009)
 );
