@@ -3,7 +3,8 @@ each, and which of them end. The tables' CHECK constraints and SQL's ``es_status
 say the same (``tests/test_states.py`` compares them in Postgres).
 
 The wire vocabulary of what a worker reports (``schemas.messages.EventStatus``) is a
-different one: it adds ``returned`` and ``stopped``, which no event is ever in.
+different one: it adds ``returned`` and ``stopped``, which no event is ever in, and
+``fatal``, a failed attempt that gets no next one.
 """
 
 from __future__ import annotations

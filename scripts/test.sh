@@ -3,7 +3,7 @@
 set -euo pipefail
 EXTRAS=test source "$(dirname "$0")/setup.sh"
 cd "$ROOT"
-"$ROOT/scripts/install-browser.sh"  # Debian's chromium, for the monitor's browser test
+"$ROOT/scripts/install-tools.sh"  # chromium (the browser tests) and curl (the PanDA pilot tests)
 
 say "ruff"
 ruff check .

@@ -242,7 +242,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (scripts/install-browser.sh)")
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (scripts/install-tools.sh)")
 async def test_job_page_updates_live_in_chromium(store: Store, broker: Broker, world: World) -> None:
     playwright_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed")
     port = _free_port()

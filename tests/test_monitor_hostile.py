@@ -463,7 +463,7 @@ async def test_a_1500_task_chain_renders(store: Store, client: httpx.AsyncClient
 # -- the login in a real browser --------------------------------------------------------------
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (scripts/install-browser.sh)")
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (scripts/install-tools.sh)")
 async def test_login_in_chromium_then_pages_read_with_the_cookie(store: Store, broker: Broker, world: World) -> None:
     playwright_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed")
     port = _free_port()

@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from dispatcher.config import Settings
 from dispatcher.store import Store
@@ -28,29 +27,12 @@ from tests.conftest import ROOT
 from tests.helpers import eventually
 from tests.test_crashes import Processes, finished
 from tests.test_failures import assert_consistent, assert_no_job_queues
+from tests.test_pilot_api import PILOT_COMMAND, pilot_workflow
 from transport.rabbitmq import Broker
 
 KIT = ROOT / "tests" / "pilotkit"
-PAYLOAD = "es_payload.py --channel-env PILOT_EVENTRANGECHANNEL"
 
 pytestmark = pytest.mark.slow
-
-
-def workflow(tmp_path: Path, payloads: list[str], *, per_job: int, pilot: str = PAYLOAD, retries: int = 2) -> Path:
-    (tmp_path / "map.json").write_text(json.dumps({"isr": {str(i): p for i, p in enumerate(payloads)}}))
-    spec = {
-        "name": "pilots",
-        "mapping": "map.json",
-        "enableEventService": True,
-        "maxEventsPerJob": per_job,
-        "numberOfRetries": retries,
-        "retryDelay": 0.1,
-        # the same payloads run natively (tests.payloads:flaky) or under a pilot (es_payload.py)
-        "pipetask": {"isr": {"payloadFunction": "tests.payloads:flaky", "pilotCommand": pilot}},
-    }
-    path = tmp_path / "wf.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
 
 
 def free_port() -> int:
@@ -103,7 +85,7 @@ async def test_the_pilots_communication_manager_runs_a_workflow_with_a_retry_and
     from pilot.common.exception import CommunicationFailure
     from pilot.eventservice.communicationmanager.communicationmanager import CommunicationManager
 
-    wf = await submit(store, workflow(tmp_path, [f"ok:{i}" for i in range(6)], per_job=3))
+    wf = await submit(store, pilot_workflow(tmp_path, 6, per_job=3))
     monkeypatch.setenv("PANDA_SERVER_URL", await start_dispatcher(procs))
     comm = CommunicationManager()
     comm.start()
@@ -185,7 +167,7 @@ async def test_the_pilots_generic_executor_runs_our_payload_end_to_end(
     marker = tmp_path / "failed-once"
     payloads = [f"ok:{i}" for i in range(6)]
     payloads[4] = f"once:{marker}"  # fails at its first attempt: retried, and handed to the pilot again
-    wf = await submit(store, workflow(tmp_path, payloads, per_job=3))
+    wf = await submit(store, pilot_workflow(tmp_path, payloads, per_job=3))
     url = await start_dispatcher(procs)
     pilots = [run_pilot(tmp_path / f"pilot{i}", url) for i in range(2)]
     codes = [await exited(p) for p in pilots]
@@ -208,9 +190,7 @@ async def test_a_killed_pilots_events_come_back_after_its_lease_and_a_native_wor
     settings: Settings, store: Store, broker: Broker, procs: Processes, tmp_path: Path
 ) -> None:
     # the pilot's payload takes a minute an event: it is killed holding what it was handed
-    wf = await submit(
-        store, workflow(tmp_path, [f"ok:{i}" for i in range(5)], per_job=5, pilot=f"{PAYLOAD} --sleep 60")
-    )
+    wf = await submit(store, pilot_workflow(tmp_path, 5, per_job=5, pilot=f"{PILOT_COMMAND} --sleep 60"))
     url = await start_dispatcher(procs, DISPATCHER_PILOT_LEASE="3")
     pilot = run_pilot(tmp_path / "pilot", url)
     # it asks for two ranges (twice its cores), and is handed two events

@@ -28,10 +28,22 @@ from transport.rabbitmq import Broker
 TOKEN = "pilot-s3cret"
 
 
-def pilot_workflow(tmp_path: Path, n: int, *, per_job: int, retries: int = 2, per_range: int = 1) -> Path:
-    """One EventService label of ``n`` events; a pilot runs ``es_payload.py`` for its jobs."""
-    (tmp_path / "map.json").write_text(json.dumps({"isr": {str(i): f"ok:{i}" for i in range(n)}}))
-    path = tmp_path / "wf.yaml"
+PILOT_COMMAND = "es_payload.py --channel-env PILOT_EVENTRANGECHANNEL"  # tests/pilotkit
+
+
+def pilot_workflow(
+    tmp_path: Path,
+    payloads: int | list[str],
+    *,
+    per_job: int,
+    retries: int = 2,
+    per_range: int = 1,
+    pilot: str = PILOT_COMMAND,
+) -> Path:
+    """One EventService label of these payloads (``n``: ``ok:0`` .. ``ok:n-1``). They run
+    natively (``tests.payloads:flaky``) or under a pilot (``pilot``: its command)."""
+    items = [f"ok:{i}" for i in range(payloads)] if isinstance(payloads, int) else payloads
+    (tmp_path / "map.json").write_text(json.dumps({"isr": {str(i): p for i, p in enumerate(items)}}))
     spec = {
         "name": "pilots",
         "mapping": "map.json",
@@ -40,10 +52,9 @@ def pilot_workflow(tmp_path: Path, n: int, *, per_job: int, retries: int = 2, pe
         "numberOfRetries": retries,
         "retryDelay": 0.1,
         "eventsPerRange": per_range,
-        "pipetask": {
-            "isr": {"payloadFunction": "tests.payloads:flaky", "pilotCommand": "es_payload.py --channel-env X"}
-        },
+        "pipetask": {"isr": {"payloadFunction": "tests.payloads:flaky", "pilotCommand": pilot}},
     }
+    path = tmp_path / "wf.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
 
@@ -112,7 +123,7 @@ async def test_a_pilot_runs_a_job_from_get_job_to_its_last_report(api: Api, tmp_
     first = await api.store.pool.fetchval("SELECT min(id) FROM jobs")
     task = await api.store.pool.fetchval("SELECT id FROM tasks")
     assert (job["PandaID"], job["jobsetID"], job["taskID"]) == (first, first, task)
-    assert (job["transformation"], job["jobPars"]) == ("es_payload.py", "--channel-env X")
+    assert (job["transformation"], job["jobPars"]) == ("es_payload.py", "--channel-env PILOT_EVENTRANGECHANNEL")
     assert job["eventService"] == "True"
     # one pilot per job: the next pilot gets the other job
     other = await api.call("getJob", siteName="SITE", node="wn02")
@@ -135,6 +146,9 @@ async def test_a_pilot_runs_a_job_from_get_job_to_its_last_report(api: Api, tmp_
     assert await api.store.pool.fetchval("SELECT count(*) FROM events WHERE worker = $1", f"pilot:{first}") == 2
     assert await api.broker.queue_depth(api.broker.names.job(first)) == 1
     assert (await api.call("checkEventsAvailability", pandaID=first, jobsetID=first, taskID=task))["nEventRanges"] == 1
+    # a pilot that cannot write its curl config sends the fields in a GET's query string
+    r = await api.client.get("/server/panda/checkEventsAvailability", params={"pandaID": first, "taskID": task})
+    assert r.json() == {"StatusCode": 0, "nEventRanges": 1}
 
     ranges += await api.ranges(first, task)
     assert len(ranges) == 3
@@ -374,3 +388,54 @@ async def test_with_a_token_and_an_origin_a_pilot_must_send_both(
         good = {"Authorization": f"Bearer '{TOKEN}'", "Origin": "atlas.pilot"}  # as the pilot quotes it
         r = await api.client.post("/server/panda/getJob", data={"siteName": "S"}, headers=good)
         assert r.json()["StatusCode"] == 0
+
+
+async def test_a_pilot_and_a_native_worker_serve_one_job_at_once_and_every_event_runs_once(
+    api: Api, settings: Settings, tmp_path: Path
+) -> None:
+    from tests.test_failures import Cluster
+
+    n = 40
+    await submit(api.store, pilot_workflow(tmp_path, n, per_job=n))
+    await queued(api.store, n)
+    job = await api.call("getJob", siteName="SITE")
+    job_id, task = job["PandaID"], job["taskID"]
+    natives = Cluster(settings, api.store, api.broker)  # a native worker only (the control plane runs)
+    await natives.worker(slots=1)
+    try:
+        by_pilot: list[str] = []
+        while ranges := await api.ranges(job_id, task, n=2):
+            ids = [r["eventRangeID"] for r in ranges]
+            by_pilot += ids
+            assert (await api.report(*((i, "finished") for i in ids), version=1))["Returns"] == [True] * len(ids)
+            await asyncio.sleep(0.02)  # a pilot's payload takes a while
+        await eventually(
+            lambda: api.store.pool.fetchval("SELECT status = 'finished' FROM jobs WHERE id = $1", job_id),
+            what="the job finished",
+        )
+    finally:
+        await natives.stop()
+    rows = await api.store.pool.fetch("SELECT number, attempt, worker FROM events")
+    assert {r["attempt"] for r in rows} == {1}
+    pilot = {r["number"] for r in rows if r["worker"] == f"pilot:{job_id}"}
+    assert pilot == {int(i.split("-")[3]) for i in by_pilot}  # what the pilot was handed, and only that
+    assert 0 < len(pilot) < n  # both served the job
+    attempts = await api.store.pool.fetch("SELECT number, status FROM attempts")
+    assert len(attempts) == n and {r["status"] for r in attempts} == {"finished"}  # each ran once
+
+
+async def test_a_range_delivered_again_is_given_back_and_its_new_copy_handed_out(
+    api: Api, settings: Settings, tmp_path: Path
+) -> None:
+    await submit(api.store, pilot_workflow(tmp_path, 1, per_job=1))
+    await queued(api.store, 1)
+    job = await api.call("getJob", siteName="SITE")
+    job_id, task = job["PandaID"], job["taskID"]
+    # a consumer took the range and died before acking it: it is in the queue again, redelivered
+    other = await Broker.connect(settings.amqp_url, settings.names, client="pytest-lost")
+    assert await other.get(api.broker.names.job(job_id)) is not None
+    await other.close()
+    ranges = await api.ranges(job_id, task)  # (the copy issued again arrives while the call waits)
+    assert [r["eventRangeID"] for r in ranges] == [f"{task}-{job_id}-{job_id}-0-1"]  # not run: no attempt charged
+    assert await api.store.pool.fetchval("SELECT issue FROM events") == 1  # the new copy
+    assert await api.events() == {0: ("running", 1)}

@@ -10,7 +10,7 @@ from typing import Any, cast, get_args
 import httpx
 
 from dispatcher.monitor import MonitorConfig, create_app
-from dispatcher.store import RETURNS, Store
+from dispatcher.store import FAILURES, RETURNS, Store
 from schemas.messages import EventStatus
 from schemas.states import (
     ATTEMPT_STATES,
@@ -53,8 +53,10 @@ async def test_event_rank_is_sqls_es_status_rank(store: Store) -> None:
 def test_terminal_states_and_the_wire_vocabulary() -> None:
     for states in (EVENT_STATES, JOB_STATES, TASK_STATES, WORKFLOW_STATES):
         assert set(TERMINAL) <= set(states)
-    # what a worker reports is an attempt's state, or a return (which ranks nothing)
-    assert set(get_args(EventStatus)) - set(RETURNS) == set(ATTEMPT_STATES)
+    # what a worker reports is an attempt's state, a return (which ranks nothing), or a
+    # failure with no next attempt (a PanDA pilot's 'fatal', recorded as 'failed')
+    assert set(get_args(EventStatus)) - set(RETURNS) == set(ATTEMPT_STATES) | set(FAILURES)
+    assert set(FAILURES) - set(ATTEMPT_STATES) == {"fatal"}
     assert terminal({s: 1 for s in EVENT_STATES}) == len(TERMINAL)
 
 

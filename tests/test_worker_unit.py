@@ -252,3 +252,22 @@ async def test_a_worker_waiting_for_a_job_stops_at_once(rig: Rig) -> None:
     await rig.until(lambda: any(b.heartbeat for b in rig.batches), "a heartbeat")
     await rig.stopped(worker, stop)
     assert rig.batches[-1].heartbeat is not None and rig.batches[-1].heartbeat.state == "stopped"
+
+
+async def test_a_job_that_comes_back_during_its_tear_down_is_set_up_apart_from_it(rig: Rig) -> None:
+    """The job's work drained, its tear-down is under way (its command takes a while), and
+    new work of the job arrives (a retry, a range given back): the new set-up runs it in a
+    directory of its own, which the old tear-down does not remove under it."""
+    spec = PayloadSpec(function=SLEEPY, teardown="sleep 0.5")
+    queue = await rig.job(["0.01"], spec=spec)
+    worker = rig.worker(slots=1)
+    rig.start(worker)
+    await rig.until(lambda: rig.finals("finished") == [0], "the first event finished")
+    await rig.until(lambda: not worker.jobs, "the job leaving")
+    again = EventRange(workflow_id=1, job_id=1, events=[EventSpec(number=1, payload="1.0", attempt=1, issue=1)])
+    await rig.control.publish(queue, encode(again))
+    announcement = JobAnnouncement(workflow_id=1, task_id=1, job_id=1, label="t", payload=spec)
+    await rig.control.publish(rig.names.jobs, encode(announcement))
+    # (its payload writes its result after the old tear-down removed the old directory)
+    await eventually(lambda: asyncio.sleep(0, rig.finals("finished") == [0, 1]), timeout=8, what="the new event")
+    assert rig.finals("failed") == []

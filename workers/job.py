@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,7 +131,9 @@ async def set_up(
     job_log: JobLogFile | None = None
     try:
         runner = runner_for(spec.payload)
-        work_dir = work_root / f"job-{spec.job_id}-{worker.replace(':', '-')}"
+        # a directory of this set-up's own: the tear-down of an earlier set-up of the job
+        # by this worker may still be removing its own (the job came back meanwhile)
+        work_dir = work_root / f"job-{spec.job_id}-{worker.replace(':', '-')}-{uuid.uuid4().hex[:8]}"
         work_dir.mkdir(parents=True, exist_ok=True)
         job_log = JobLogFile(job_log_path(log_dir, spec.workflow_id, spec.job_id))
         if spec.payload.setup:

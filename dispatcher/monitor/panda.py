@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 32 * 1024 * 1024  # updateEventRanges of many thousand ranges stays far below
 Form = dict[str, str]
+# the pilot posts (curl --data); when it cannot write its curl config file it sends the
+# fields in a GET's query string instead
+METHODS = ["POST", "GET"]
 # module level: with postponed annotations FastAPI resolves these names in the module
 Auth = Annotated[str | None, Header(alias="Authorization", include_in_schema=False)]
 Origin = Annotated[str | None, Header(alias="Origin", include_in_schema=False)]
@@ -65,9 +68,6 @@ def router(store: Store, pilots: Pilots, *, token: str | None, origin: str | Non
             text = body.decode()
         except UnicodeDecodeError:
             return refused(400, SC_FAILED, "request body is not UTF-8")
-        # the pilot posts form fields (curl --data); a query string is read too, as
-        # PanDA's server does (the pilot falls back to one when it cannot write its
-        # curl config file)
         pairs = parse_qsl(request.url.query, keep_blank_values=True) + parse_qsl(text, keep_blank_values=True)
         return dict(pairs)
 
@@ -98,23 +98,23 @@ def router(store: Store, pilots: Pilots, *, token: str | None, origin: str | Non
     def host_of(request: Request) -> str:
         return request.client.host if request.client else "unknown"
 
-    @api.post("/server/panda/getJob", include_in_schema=False)
+    @api.api_route("/server/panda/getJob", methods=METHODS, include_in_schema=False)
     async def get_job(request: Request, authorization: Auth = None, origin_: Origin = None) -> JSONResponse:
         return await call(request, authorization, origin_, pilots.get_job)
 
-    @api.post("/server/panda/updateJob", include_in_schema=False)
+    @api.api_route("/server/panda/updateJob", methods=METHODS, include_in_schema=False)
     async def update_job(request: Request, authorization: Auth = None, origin_: Origin = None) -> JSONResponse:
         return await call(request, authorization, origin_, lambda f: pilots.update_job(f, host_of(request)))
 
-    @api.post("/server/panda/getEventRanges", include_in_schema=False)
+    @api.api_route("/server/panda/getEventRanges", methods=METHODS, include_in_schema=False)
     async def get_event_ranges(request: Request, authorization: Auth = None, origin_: Origin = None) -> JSONResponse:
         return await call(request, authorization, origin_, lambda f: pilots.get_event_ranges(f, host_of(request)))
 
-    @api.post("/server/panda/updateEventRanges", include_in_schema=False)
+    @api.api_route("/server/panda/updateEventRanges", methods=METHODS, include_in_schema=False)
     async def update_event_ranges(request: Request, authorization: Auth = None, origin_: Origin = None) -> JSONResponse:
         return await call(request, authorization, origin_, lambda f: pilots.update_event_ranges(f, host_of(request)))
 
-    @api.post("/server/panda/checkEventsAvailability", include_in_schema=False)
+    @api.api_route("/server/panda/checkEventsAvailability", methods=METHODS, include_in_schema=False)
     async def check_events_availability(
         request: Request, authorization: Auth = None, origin_: Origin = None
     ) -> JSONResponse:
