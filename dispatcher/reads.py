@@ -22,6 +22,11 @@ class Reads:
     async def _counts(self, query: str, *args: Any) -> dict[str, int]:
         return {r["status"]: r["n"] for r in await self.pool.fetch(q(query), *args)}
 
+    async def workflow_spec(self, workflow_id: int) -> dict[str, Any] | None:
+        """The submission a workflow was made from, as it was read."""
+        spec: dict[str, Any] | None = await self.pool.fetchval(q("workflow_spec"), workflow_id)
+        return spec
+
     async def workflow_exists(self, workflow_id: int) -> bool:
         return await self.pool.fetchrow(q("workflow"), workflow_id) is not None
 

@@ -188,6 +188,8 @@ class Store(Reads, Leases):
                     p.payload.model_dump(exclude_none=True),
                     p.retry_delay,
                     p.pilot_command,
+                    p.job_walltime,
+                    p.run_always,
                 )
             for p in plans:
                 for parent in p.parents:

@@ -58,8 +58,10 @@ MAX_WALLTIME = 30 * 86_400.0
 # ends in a Postgres column or an asyncio timer.
 Seconds = Annotated[float, Field(gt=0, le=MAX_WALLTIME, strict=True, allow_inf_nan=False)]
 Delay = Annotated[float, Field(ge=0, le=MAX_RETRY_DELAY, strict=True, allow_inf_nan=False)]
-# tasks.max_attempts (integer) holds retries + 1
-Retries = Annotated[int, Field(ge=0, le=INT32_MAX - 1, strict=True)]
+# BPS's numberOfRetries is the total number of attempts (ctrl_bps_panda: `or 3`), held in
+# tasks.max_attempts (integer); 0 means the default
+Retries = Annotated[int, Field(ge=0, le=INT32_MAX, strict=True)]
+DEFAULT_ATTEMPTS = 3
 
 
 class SubmissionError(ValueError):
@@ -86,6 +88,9 @@ class LabelConfig(BaseModel):
     # what a PanDA pilot runs for a job of this label (its transformation, then jobPars):
     # a payload that takes the job's event ranges from the pilot (docs/pilot.md)
     pilotCommand: str | None = None
+    # ours: released once its parents have ended, whatever their outcome, never cancelled
+    # for their failure (BPS's final job, whenRun: ALWAYS)
+    runAlways: bool = False
     requestWalltime: Seconds | None = None
     dependsOn: list[str] = []
     numberOfRetries: Retries | None = None
@@ -138,7 +143,7 @@ class Submission(BaseModel):
     requestWalltime: Seconds | None = None
     maxPayloadsPerPandaJob: PosInt32 = 10
     maxEventsPerJob: PosInt32 | None = None
-    numberOfRetries: Retries = 3
+    numberOfRetries: Retries | None = None  # attempts in all (BPS's meaning); unset or 0: 3
     retryDelay: Delay = 2.0  # seconds before the 2nd attempt; doubles, with jitter
     eventsPerRange: PosInt32 = 1
     mapping: str | None = None
@@ -147,8 +152,9 @@ class Submission(BaseModel):
     @field_validator("enableEventService", mode="before")
     @classmethod
     def _labels(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower() == "true"
+        # a string is a list of labels, as ctrl_bps_panda reads it ("True" names a label
+        # True, which a workflow rarely has); a YAML boolean, on which ctrl_bps_panda
+        # crashes, is our extension: true turns EventService on for every label
         return _split_labels(value)
 
     @model_validator(mode="after")
@@ -244,6 +250,8 @@ class LabelPlan:
     events_per_range: int
     payload: PayloadSpec
     pilot_command: str | None = None  # what a PanDA pilot runs for the label's jobs
+    job_walltime: float | None = None  # a job's walltime when requestWalltime does not set it
+    run_always: bool = False  # released once its parents ended, whatever their outcome
 
 
 def plan(sub: Submission) -> list[LabelPlan]:
@@ -256,15 +264,19 @@ def plan(sub: Submission) -> list[LabelPlan]:
     for label in sub.topological_order():
         cfg = sub.pipetask[label]
         walltime = cfg.requestWalltime or sub.requestWalltime
-        size = 1
+        size, es, job_walltime = 1, False, None
         if label in caps:
+            es = True
             if sub.maxWmsJobWalltime and walltime:
                 # a tiny requestWalltime makes the ratio huge (or inf): no job holds more
                 # than tasks.max_payloads_per_job (integer) can say
                 size = int(min(sub.maxWmsJobWalltime / walltime, INT32_MAX))
+                es = size >= 2  # as in BPS: only here does a size below 2 turn it off
             else:
                 size = caps[label] or sub.maxEventsPerJob or sub.maxPayloadsPerPandaJob
-        es = size >= 2  # as in BPS: a job size below 2 means no EventService
+                # BPS gives such a job the whole walltime allowed (with requestWalltime
+                # it is requestWalltime x its payloads)
+                job_walltime = None if walltime else sub.maxWmsJobWalltime
         retries = cfg.numberOfRetries if cfg.numberOfRetries is not None else sub.numberOfRetries
         plans.append(
             LabelPlan(
@@ -273,7 +285,7 @@ def plan(sub: Submission) -> list[LabelPlan]:
                 event_service=es,
                 max_payloads_per_job=size if es else 1,
                 request_walltime=walltime,
-                max_attempts=retries + 1,
+                max_attempts=retries or DEFAULT_ATTEMPTS,
                 retry_delay=cfg.retryDelay if cfg.retryDelay is not None else sub.retryDelay,
                 events_per_range=cfg.eventsPerRange or sub.eventsPerRange,
                 payload=PayloadSpec(
@@ -285,6 +297,8 @@ def plan(sub: Submission) -> list[LabelPlan]:
                     teardown=cfg.jobTeardownCommand,
                 ),
                 pilot_command=cfg.pilotCommand,
+                job_walltime=job_walltime,
+                run_always=cfg.runAlways,
             )
         )
     return plans

@@ -53,7 +53,7 @@ def write_workflow(
         "enableEventService": True,
         "maxEventsPerJob": per_job,
         "eventsPerRange": per_range,
-        "numberOfRetries": retries,
+        "numberOfRetries": retries + 1,  # BPS counts every attempt
         "retryDelay": retry_delay,
         "pipetask": {
             label: {"payloadFunction": function, **({"dependsOn": [labels[i - 1]]} if i else {})}

@@ -193,7 +193,7 @@ async def test_payload_output_no_column_takes_is_recorded_mended(
     spec = {
         "name": "bad-text",
         "mapping": "mapping.json",
-        "numberOfRetries": 0,
+        "numberOfRetries": 1,  # one attempt
         "pipetask": {
             "cmd": {"payloadCommand": nul_command},
             "fn": {"payloadFunction": "tests.payloads:bad_text"},

@@ -112,3 +112,13 @@ def test_the_control_plane_and_the_workers_know_only_the_transport_interface() -
     assert {p: m for p, m in wrong.items() if m} == {}
     # and the check sees such an import where there is one
     assert "transport.rabbitmq" in imported_modules(ROOT / "dispatcher" / "cli.py")
+
+
+def test_only_the_bps_plugin_imports_lsst() -> None:
+    """``lsst-ctrl-bps`` is an extra (about 460 MB): the core runs without it."""
+    files = [p for d in ("dispatcher", "workers", "schemas", "transport") for p in (ROOT / d).rglob("*.py")]
+    users = sorted(
+        str(p.relative_to(ROOT)) for p in files if any(m.split(".")[0] == "lsst" for m in imported_modules(p))
+    )
+    assert users == ["dispatcher/bps.py"]
+    assert "dispatcher.bps" not in {m for p in files for m in imported_modules(p)}  # and nothing imports it

@@ -49,7 +49,7 @@ def pilot_workflow(
         "mapping": "map.json",
         "enableEventService": True,
         "maxEventsPerJob": per_job,
-        "numberOfRetries": retries,
+        "numberOfRetries": retries + 1,  # BPS counts every attempt
         "retryDelay": 0.1,
         "eventsPerRange": per_range,
         "pipetask": {"isr": {"payloadFunction": "tests.payloads:flaky", "pilotCommand": pilot}},

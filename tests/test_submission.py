@@ -36,7 +36,7 @@ def test_rubin_example_jobs_hold_36_payloads() -> None:
     assert mapping == EXAMPLES / "rubin-isr-mapping.json"
     assert sizes(sub) == {"pipeinit": (False, 1), "isr": (True, 36), "final": (False, 1)}
     isr = next(p for p in plan(sub) if p.label == "isr")
-    assert isr.max_attempts == 4  # numberOfRetries: 3
+    assert isr.max_attempts == 3  # numberOfRetries: 3, BPS's total number of attempts
     assert isr.payload.timeout == 600  # a payload may run as long as it requested
 
 
@@ -69,9 +69,10 @@ def test_newer_bps_form_enables_every_label(tmp_path: Path) -> None:
     [
         ("isr:20,step1", {"a": (False, 1), "isr": (True, 20), "step1": (True, 10)}),
         (["isr:4"], {"a": (False, 1), "isr": (True, 4), "step1": (False, 1)}),
-        ("true", {"a": (True, 10), "isr": (True, 10), "step1": (True, 10)}),
+        (True, {"a": (True, 10), "isr": (True, 10), "step1": (True, 10)}),  # ours: ctrl_bps_panda crashes
+        ("True", {"a": (False, 1), "isr": (False, 1), "step1": (False, 1)}),  # a label named True, as in BPS
         (False, {"a": (False, 1), "isr": (False, 1), "step1": (False, 1)}),
-        ("isr:1", {"a": (False, 1), "isr": (False, 1), "step1": (False, 1)}),  # below 2: no ES
+        ("isr:1", {"a": (False, 1), "isr": (True, 1), "step1": (False, 1)}),  # EventService, a payload a job
     ],
 )
 def test_enable_event_service_forms(tmp_path: Path, enable: object, expected: dict[str, tuple[bool, int]]) -> None:
@@ -96,7 +97,7 @@ def test_per_label_retries_override_the_workflow(tmp_path: Path) -> None:
     data["pipetask"]["isr"] = {"payloadCommand": "echo {payload}", "dependsOn": "a", "numberOfRetries": 5}  # type: ignore[index]
     sub, _ = load_submission(write(tmp_path, data))
     attempts = {p.label: p.max_attempts for p in plan(sub)}
-    assert attempts == {"a": 2, "isr": 6, "step1": 2}
+    assert attempts == {"a": 1, "isr": 5, "step1": 1}  # BPS counts every attempt
 
 
 def test_order_puts_parents_first(tmp_path: Path) -> None:
@@ -180,8 +181,8 @@ def test_ordinary_anchors_and_a_diamond_of_includes_still_load(tmp_path: Path) -
     )
     sub, _ = load_submission(tmp_path / "wf.yaml")
     assert [(p.label, p.max_attempts, p.retry_delay, p.payload.command) for p in plan(sub)] == [
-        ("a", 3, 5.0, "echo {payload}"),
-        ("b", 3, 5.0, "echo {payload}"),
+        ("a", 2, 5.0, "echo {payload}"),
+        ("b", 2, 5.0, "echo {payload}"),
     ]
 
 

@@ -191,7 +191,7 @@ CASES: dict[str, Case] = {
     "dependency-chain-of-1500-labels": Case(_chain, ("dependency cycle", "t0"), cli=True),
     # -- integers beyond their Postgres columns, booleans for integers -----------------------
     "numberOfRetries-1e30": Case(_with_yaml("numberOfRetries: 1.0e+30\n"), ("numberOfRetries",)),
-    "numberOfRetries-beyond-int4": Case(_set("numberOfRetries", value=2**31 - 1), ("numberOfRetries",)),
+    "numberOfRetries-beyond-int4": Case(_set("numberOfRetries", value=2**31), ("numberOfRetries",)),
     "label-numberOfRetries-beyond-int4": Case(
         _set("pipetask", "isr", "numberOfRetries", value=2**40), ("pipetask.isr.numberOfRetries",)
     ),

@@ -237,6 +237,11 @@ class MemoryBroker:
             headers = {**message.headers, "x-death": [death, *message.headers.get("x-death", [])]}
             self.put(self.queues[queue.dead_letter_to], Message(message.body, headers, queue.dead_letter_to))
 
+    def unacked(self, name: str) -> int:
+        """Messages of a queue its consumers hold unacked (for tests)."""
+        queue = self.queues.get(name)
+        return 0 if queue is None else sum(len(c.unacked) for c in queue.consumers)
+
     def dispatch(self, queue: Queue) -> None:
         """Hand ready messages to consumers with room, in turn."""
         while queue.ready:

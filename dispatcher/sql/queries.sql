@@ -5,8 +5,8 @@ INSERT INTO workflows (name, spec, mapping_path) VALUES ($1, $2, $3) RETURNING i
 
 -- name: insert_task
 INSERT INTO tasks (workflow_id, label, event_service, max_payloads_per_job, events_per_range,
-                   max_attempts, request_walltime, payload, retry_delay, pilot_command)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                   max_attempts, request_walltime, payload, retry_delay, pilot_command, job_walltime, run_always)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
 RETURNING id;
 
 -- name: insert_task_dep
@@ -34,9 +34,10 @@ FROM (SELECT s.task_id, s.number, s.payload, t.max_payloads_per_job AS max_per_j
 
 -- name: insert_jobs
 INSERT INTO jobs (workflow_id, task_id, seq, n_events, first_number, last_number, walltime)
-SELECT $1, s.task_id, s.seq, count(*), min(s.number), max(s.number), t.request_walltime * count(*)
+SELECT $1, s.task_id, s.seq, count(*), min(s.number), max(s.number),
+       coalesce(t.job_walltime, t.request_walltime * count(*))
 FROM staged s JOIN tasks t ON t.id = s.task_id
-GROUP BY s.task_id, s.seq, t.request_walltime
+GROUP BY s.task_id, s.seq, t.request_walltime, t.job_walltime
 ORDER BY s.task_id, s.seq;
 
 -- name: insert_events
@@ -57,17 +58,19 @@ WHERE id = $1;
 SELECT pg_notify('dispatcher_submitted', $1::bigint::text);
 
 -- name: release_ready_tasks
--- A waiting task is released when every task it depends on has finished.
+-- A waiting task is released when every task it depends on has finished (a run_always
+-- one: has ended, whatever its outcome).
 UPDATE tasks t SET status = 'released', released_at = now()
 WHERE t.status = 'waiting'
   AND NOT EXISTS (SELECT 1 FROM task_deps d JOIN tasks p ON p.id = d.parent_id
-                  WHERE d.task_id = t.id AND p.status <> 'finished')
+                  WHERE d.task_id = t.id AND p.status <> 'finished'
+                    AND NOT (t.run_always AND p.status IN ('failed', 'cancelled')))
 RETURNING t.id, t.workflow_id, t.label;
 
 -- name: cancel_blocked_tasks
--- A waiting task whose parent failed or was cancelled can never run.
+-- A waiting task whose parent failed or was cancelled can never run (but a run_always one).
 UPDATE tasks t SET status = 'cancelled', finished_at = now()
-WHERE t.status = 'waiting'
+WHERE t.status = 'waiting' AND NOT t.run_always
   AND EXISTS (SELECT 1 FROM task_deps d JOIN tasks p ON p.id = d.parent_id
               WHERE d.task_id = t.id AND p.status IN ('failed', 'cancelled'))
 RETURNING t.id, t.workflow_id, t.label;
@@ -729,3 +732,6 @@ SELECT number, payload FROM events WHERE task_id = $1 ORDER BY number;
 
 -- name: task_label
 SELECT label FROM tasks WHERE id = $1;
+
+-- name: workflow_spec
+SELECT spec FROM workflows WHERE id = $1;

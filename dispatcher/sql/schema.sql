@@ -35,6 +35,8 @@ CREATE TABLE tasks (
     finished_at           timestamptz,
     retry_delay           double precision NOT NULL DEFAULT 2,
     pilot_command         text,  -- what a PanDA pilot runs for its jobs (0009)
+    job_walltime          double precision,  -- a job's walltime when requestWalltime does not set it (0010)
+    run_always            boolean NOT NULL DEFAULT false,  -- released once its parents ended, however (0010)
     UNIQUE (workflow_id, label)
 );
 
