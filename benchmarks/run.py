@@ -54,7 +54,7 @@ import asyncpg
 from benchmarks.report import markdown, plot
 from dispatcher import migrate
 from dispatcher.config import Settings
-from workers.joblog import job_commands
+from schemas.joblog import job_commands
 
 ROOT = Path(__file__).resolve().parent.parent
 # workers for no-op payloads: 4 slots, and 64 ranges held so that slots never wait for

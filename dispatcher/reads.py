@@ -22,6 +22,13 @@ class Reads:
     async def _counts(self, query: str, *args: Any) -> dict[str, int]:
         return {r["status"]: r["n"] for r in await self.pool.fetch(q(query), *args)}
 
+    async def job_attempts(self, job_id: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """A job's newest ``limit`` attempts that started (for its timeline), and how many
+        started in all."""
+        rows = await self._rows("job_attempts", job_id, limit)
+        total = await self.pool.fetchval(q("count_job_attempts"), job_id)
+        return rows, int(total)
+
     async def workflow_spec(self, workflow_id: int) -> dict[str, Any] | None:
         """The submission a workflow was made from, as it was read."""
         spec: dict[str, Any] | None = await self.pool.fetchval(q("workflow_spec"), workflow_id)

@@ -153,8 +153,10 @@ async def store(settings: Settings) -> AsyncIterator[Store]:
 @pytest.fixture
 async def broker(settings: Settings, store: Store) -> AsyncIterator[Broker]:
     """A broker under the test's prefix; afterwards every queue of the test is deleted."""
-    b = await Broker.connect(settings.amqp_url, settings.names, client="pytest")
-    await b.declare_topology()
+    # bounded: a broker that accepts TCP and never answers (out of file handles, say)
+    # must fail the test, not hang the suite
+    b = await asyncio.wait_for(Broker.connect(settings.amqp_url, settings.names, client="pytest"), 60)
+    await asyncio.wait_for(b.declare_topology(), 60)
     yield b
     job_ids = [r["id"] for r in await store.pool.fetch("SELECT id FROM jobs")]
     for name in map(settings.names.job, job_ids):
@@ -170,8 +172,10 @@ def example(name: str) -> Path:
 
 
 @pytest.fixture
-def procs(settings: Settings, tmp_path: Path) -> Iterator[Processes]:
-    """CLI processes (dispatcher start, worker) of the test's namespace, stopped after it."""
+def procs(settings: Settings, tmp_path: Path, broker: Broker) -> Iterator[Processes]:
+    """CLI processes (dispatcher start, worker) of the test's namespace, stopped after it;
+    then (``broker``'s tear-down) every queue they declared is deleted: quorum queues left
+    behind hold RabbitMQ's file handles, and at about 300 it accepts no more connections."""
     from tests.test_crashes import Processes
 
     p = Processes(settings, tmp_path)

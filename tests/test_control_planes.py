@@ -16,12 +16,12 @@ from dispatcher.leader import LEADER_TIMEOUT, Leadership
 from dispatcher.releaser import CLAIM_LEASE_SECONDS, Releaser
 from dispatcher.store import Store
 from dispatcher.submit import submit
+from schemas.joblog import event_runs
 from schemas.messages import EventRange, EventSpec, decode, encode
 from tests.helpers import eventually
 from tests.test_crashes import Processes
 from tests.test_failures import write_workflow
 from transport.rabbitmq import Broker
-from workers.joblog import event_runs
 from workers.worker import Worker
 
 

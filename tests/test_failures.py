@@ -23,10 +23,10 @@ from dispatcher.control import ControlPlane
 from dispatcher.replay import Selector, cancel, replay
 from dispatcher.store import Store
 from dispatcher.submit import submit
+from schemas.joblog import job_commands
 from schemas.messages import DeadLetter, EventRange, StatusUpdate, decode
 from tests.helpers import eventually, queue_gone
 from transport.rabbitmq import Broker
-from workers.joblog import job_commands
 from workers.worker import Worker
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -86,7 +86,7 @@ def test_walltime_ratio_below_two_turns_event_service_off(tmp_path: Path) -> Non
     assert sizes(sub)["isr"] == (False, 1)
 
 
-def test_max_events_per_job_is_the_newer_spelling(tmp_path: Path) -> None:
+def test_max_events_per_job_is_our_extension_before_max_payloads_per_panda_job(tmp_path: Path) -> None:
     sub, _ = load_submission(write(tmp_path, dict(BASE, enableEventService="isr", maxEventsPerJob=7)))
     assert sizes(sub)["isr"] == (True, 7)
 

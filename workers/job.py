@@ -20,11 +20,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from schemas.joblog import command_footer, command_header
 from schemas.messages import JobAnnouncement, PayloadSpec
 from schemas.text import storable
 from transport.interface import JobQueue
 from transport.names import job_log_path
-from workers.joblog import JobLogFile, command_footer, command_header
+from workers.joblog import JobLogFile
 from workers.payload import CommandRunner, Runner, runner_for
 
 log = logging.getLogger(__name__)

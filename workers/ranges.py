@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from schemas.joblog import event_footer, event_header
 from schemas.messages import EventRange, EventSpec, EventStatus, MessageError, Refused, StatusUpdate, decode
 from transport.interface import Delivery
 from workers.job import Job
-from workers.joblog import event_footer, event_header
 from workers.payload import Outcome, now
 from workers.reporter import StatusReporter
 

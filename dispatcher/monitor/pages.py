@@ -54,6 +54,21 @@ def _local(target: str | None) -> str:
     return target
 
 
+# the set-ups and tear-downs the timeline marks are read from a job log up to this size
+# (one is read at each refresh of the page)
+TIMELINE_LOG_MAX = 8 << 20
+
+
+def _log_head(path: FilePath | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with path.open("rb") as f:
+            return f.read(TIMELINE_LOG_MAX).decode(errors="replace")
+    except OSError:
+        return None
+
+
 def log_file(log_dir: FilePath | None, workflow_id: int, job_id: int) -> FilePath | None:
     """A job's log where workers write it (``dispatcher.config.job_log_path``), resolved, if it is
     a file inside the resolved log directory. The path is derived from the ids: a path
@@ -157,7 +172,10 @@ def router(views: Views, guards: Guards) -> APIRouter:
     ) -> HTMLResponse:
         detail = await views.job(job_id)
         events = await views.job_events(job_id, after, status or None, PAGE)
-        return render(request, "job.html", job=detail, page=events, status=status or "", after=after)
+        timeline = await views.job_timeline(job_id, _log_head(log_file(config.log_dir, detail.workflow_id, job_id)))
+        return render(
+            request, "job.html", job=detail, page=events, status=status or "", after=after, timeline=timeline
+        )
 
     @pages.get("/jobs/{job_id}/log", dependencies=page_read, include_in_schema=False)
     async def job_log(job_id: JobId) -> Response:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import HTTPException
+from markupsafe import Markup
 
+from dispatcher.monitor import pictures
 from dispatcher.monitor.params import PAGE
 from dispatcher.store import Store
 from schemas.api import (
@@ -23,6 +26,7 @@ from schemas.api import (
     WorkflowDetail,
     WorkflowSummary,
 )
+from schemas.joblog import job_commands
 from schemas.states import terminal
 from transport.interface import Transport
 
@@ -93,6 +97,17 @@ class Views:
             raise HTTPException(404, f"no job {job_id}")
         counts = await self.store.job_event_counts(job_id)
         return JobDetail(**row, events=counts)
+
+    async def job_timeline(self, job_id: int, log: str | None) -> Markup:
+        """The job's timeline picture: its attempts from the bookkeeping, its workers'
+        set-ups and tear-downs from its log (when this monitor can read it)."""
+        rows, total = await self.store.job_attempts(job_id, pictures.MAX_BARS)
+        bars = pictures.attempt_bars(rows, datetime.now(UTC))
+        for c in job_commands(log or ""):
+            bars.append(
+                pictures.Bar(c.worker, c.what, c.start, c.end, f"{c.what} on {c.worker}: {c.end - c.start:.3f} s")
+            )
+        return pictures.job_timeline(bars, left_out=total - len(rows))
 
     async def job_events(self, job_id: int, after: int, status: str | None, limit: int) -> EventsPage:
         return _page(await self.store.job_events_page(job_id, after, status, limit + 1), limit)

@@ -735,3 +735,16 @@ SELECT label FROM tasks WHERE id = $1;
 
 -- name: workflow_spec
 SELECT spec FROM workflows WHERE id = $1;
+
+-- name: job_attempts
+-- A job's newest $2 attempts that started, for its timeline; retried: failed, and the
+-- event's next attempt was issued (it is on a later attempt, or retrying this one).
+SELECT a.number, a.attempt, a.status, a.worker, a.started_at, a.ended_at,
+       a.status = 'failed' AND (e.attempt > a.attempt OR e.status = 'retrying') AS retried
+FROM attempts a JOIN events e ON e.job_id = a.job_id AND e.number = a.number
+WHERE a.job_id = $1 AND a.started_at IS NOT NULL
+ORDER BY a.started_at DESC
+LIMIT $2;
+
+-- name: count_job_attempts
+SELECT count(*) FROM attempts WHERE job_id = $1 AND started_at IS NOT NULL;
