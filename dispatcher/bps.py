@@ -43,6 +43,7 @@ from lsst.ctrl.bps import (
     GenericWorkflow,
     GenericWorkflowJob,
     WmsRunReport,
+    WmsSpecificInfo,
     WmsStates,
 )
 
@@ -59,6 +60,7 @@ SUBMISSION = "dispatcher_submission.yaml"
 MAPPING = "dispatcher_mapping.json"
 RUN_ID = "dispatcher_run_id"
 QGRAPH_NODE = "qgraphNodeId"
+KEPT = ("requestMemory", "requestCpus", "retryUnlessExit", "computeSite")  # recorded, not acted on
 # events of a task, by state, as BPS counts jobs
 EVENT_STATES: dict[str, WmsStates] = {
     "ready": WmsStates.READY,
@@ -136,11 +138,8 @@ def _label_settings(job: GenericWorkflowJob) -> dict[str, Any]:
         settings["numberOfRetries"] = int(job.number_of_retries)
     if job.request_walltime:
         settings["requestWalltime"] = float(job.request_walltime)
-    for key, value in (
-        ("requestMemory", job.request_memory),
-        ("requestCpus", job.request_cpus),
-        ("retryUnlessExit", job.retry_unless_exit),
-        ("computeSite", job.compute_site),
+    for key, value in zip(
+        KEPT, (job.request_memory, job.request_cpus, job.retry_unless_exit, job.compute_site), strict=True
     ):
         if value is not None:
             settings[key] = value
@@ -402,4 +401,18 @@ def _report(status: dict[str, Any], spec: dict[str, Any] | None) -> WmsRunReport
         job_state_counts=totals,
         job_summary=summary,
         exit_code_summary={},
+        specific_info=_label_requests(spec),
     )
+
+
+def _label_requests(spec: dict[str, Any] | None) -> WmsSpecificInfo | None:
+    """What BPS asked for each label (kept, not acted on), shown by ``bps report --id``."""
+    info = WmsSpecificInfo()
+    for i, (label, settings) in enumerate(((spec or {}).get("pipetask") or {}).items()):
+        asked = {
+            k: settings[k] for k in ("requestMemory", "requestCpus", "retryUnlessExit", "computeSite") if k in settings
+        }
+        if asked:
+            text = ", ".join(f"{k} {{{k}{i}}}" for k in asked)
+            info.add_message(f"{{label{i}}}: {text}", {f"label{i}": label, **{f"{k}{i}": v for k, v in asked.items()}})
+    return info or None

@@ -15,6 +15,7 @@ letters and the monitor are the same for pilots and native workers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -201,12 +202,20 @@ class Pilots:
                 await message.ack()
                 continue
             events = [(e.number, e.attempt, e.issue) for e in rng.events]
-            if message.redelivered:
-                # it came back from a worker whose connection was lost: Postgres decides
-                # what that cost (as a native worker returns such a range)
-                await self._report(job.id, returned(job.id, events))
-            else:
-                handed += await self.store.pilot_lease(job.id, events)
+            try:
+                if message.redelivered:
+                    # it came back from a worker whose connection was lost: Postgres
+                    # decides what that cost (as a native worker returns such a range)
+                    await self._report(job.id, returned(job.id, events))
+                else:
+                    handed += await self.store.pilot_lease(job.id, events)
+            except BaseException as exc:
+                # never left unacked on a channel that lives on: back to its queue now
+                with contextlib.suppress(Exception):
+                    await message.nack(requeue=True)
+                if handed and isinstance(exc, Exception) and is_outage(exc):
+                    return handed  # what is leased already goes to the pilot, not to its lease's end
+                raise
             await message.ack()
         return handed
 

@@ -163,6 +163,7 @@ async def test_bps_submit_runs_a_quantum_graph_and_its_outputs_are_in_the_butler
     totals = report_totals(report)
     assert totals["SUCCEEDED"] == totals["EXPECTED"] == 5, report.stdout
     assert "dispatcher-test" in report.stdout or "simpleqg" in report.stdout  # BPS's run attributes
+    assert "task1: requestMemory 2048, requestCpus 1" in report.stdout  # kept, and shown
     status = bps(procs, tmp_path, "status", "--id", str(wf), check=False)
     assert status.returncode == 0  # SUCCEEDED
 

@@ -439,3 +439,27 @@ async def test_a_range_delivered_again_is_given_back_and_its_new_copy_handed_out
     assert [r["eventRangeID"] for r in ranges] == [f"{task}-{job_id}-{job_id}-0-1"]  # not run: no attempt charged
     assert await api.store.pool.fetchval("SELECT issue FROM events") == 1  # the new copy
     assert await api.events() == {0: ("running", 1)}
+
+
+async def test_a_range_taken_while_the_database_is_away_goes_back_to_its_queue(
+    api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await submit(api.store, pilot_workflow(tmp_path, 1, per_job=1))
+    await queued(api.store, 1)
+    job = await api.call("getJob", siteName="SITE")
+    job_id, task = job["PandaID"], job["taskID"]
+    queue = api.broker.names.job(job_id)
+
+    async def away(*args: object) -> list[tuple[int, int]]:
+        raise ConnectionRefusedError("Postgres is away")  # its lease cannot be recorded
+
+    real = api.store.pilot_lease
+    monkeypatch.setattr(api.store, "pilot_lease", away)
+    r = await api.client.post("/server/panda/getEventRanges", data={"pandaID": job_id, "nRanges": 1})
+    assert (r.status_code, r.json()["StatusCode"]) == (503, 30)  # the pilot asks again later
+    # not held unacked for an HTTP client (basic.nack has no answer: it lands a moment later)
+    assert await eventually(lambda: api.broker.queue_depth(queue), what="the range back in its queue") == 1
+    monkeypatch.setattr(api.store, "pilot_lease", real)
+    ranges = await api.ranges(job_id, task)  # (delivered again: given back, and its new copy handed)
+    assert [r["eventRangeID"] for r in ranges] == [f"{task}-{job_id}-{job_id}-0-1"]
+    assert await api.events() == {0: ("running", 1)}

@@ -113,6 +113,9 @@ class _Pages:
     async def job_event_counts(self, job_id: int) -> dict[str, int]:
         return EVENTS
 
+    async def job_attempts(self, job_id: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+        return [], 0  # (the timeline: tests/test_monitor_pictures.py)
+
     async def job_events_page(self, job_id: int, after: int, status: str | None, limit: int) -> list[dict[str, Any]]:
         return [{"number": n, "payload": "p", "status": s, "attempt": 1} for n, s in enumerate(EVENT_STATES)]
 
