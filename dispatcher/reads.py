@@ -29,6 +29,10 @@ class Reads:
         total = await self.pool.fetchval(q("count_job_attempts"), job_id)
         return rows, int(total)
 
+    async def workflow_attempts(self, workflow_id: int, limit: int) -> list[dict[str, Any]]:
+        """A workflow's newest ``limit`` attempts that ended (for its pictures)."""
+        return await self._rows("workflow_attempts", workflow_id, limit)
+
     async def workflow_spec(self, workflow_id: int) -> dict[str, Any] | None:
         """The submission a workflow was made from, as it was read."""
         spec: dict[str, Any] | None = await self.pool.fetchval(q("workflow_spec"), workflow_id)

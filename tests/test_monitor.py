@@ -284,12 +284,19 @@ async def test_job_page_updates_live_in_chromium(store: Store, broker: Broker, w
             )
             await page.locator("#events tr").nth(1).locator("text=finished").wait_for(timeout=10_000)
             assert "finished" in await page.locator("#events tr").nth(1).inner_text()
+            assert await page.locator("svg.timeline").is_visible()  # the job's timeline is drawn
             await page.screenshot(path=str(artifacts / "monitor-job-page.png"), full_page=True)
+            await page.goto(f"http://127.0.0.1:{port}/workflows/{world.running}")
+            charts = page.locator("svg.chart")
+            await charts.first.wait_for(timeout=10_000)
+            assert await charts.count() == 2  # progress and durations
+            await page.screenshot(path=str(artifacts / "monitor-workflow-page.png"), full_page=True)
             await browser.close()
     finally:
         stop.set()
         await server
     assert (artifacts / "monitor-job-page.png").stat().st_size > 0
+    assert (artifacts / "monitor-workflow-page.png").stat().st_size > 0
 
 
 async def test_status_watch_draws_progress_and_exits_with_the_outcome(settings: object, world: World) -> None:

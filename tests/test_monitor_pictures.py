@@ -88,3 +88,41 @@ async def test_the_job_page_draws_the_jobs_timeline_from_its_attempts_and_its_lo
     assert "w1 slot 1" in svg and "w1 slot 2" in svg and "w1 (job)" in svg and "w2 slot 1" in svg
     assert "w2 (job)" not in svg  # no set-up of w2's in the log
     assert "event 2 attempt 1: retried, 2.000 s on w1" in svg  # each bar says what it is
+
+
+async def test_the_workflow_page_draws_its_progress_and_its_event_durations(
+    store: Store, broker: Broker, tmp_path: Path
+) -> None:
+    wf = await submit(store, write_workflow(tmp_path, {"isr": [f"ok:{i}" for i in range(6)]}, per_job=6))
+    await store.release_ready_tasks()
+    [job] = await store.claim_jobs(10)
+    await store.mark_jobs_queued([job])
+    # five finish, one fails (its retry is issued); one 0.5 s event, the others 2 s
+    runs = [(n, "finished", 2.0 * n, 2.0 * n + (0.5 if n == 0 else 2.0)) for n in range(5)]
+    runs.append((5, "failed", 1.0, 3.0))
+    await store.apply(
+        [
+            StatusUpdate(
+                job_id=job,
+                number=n,
+                attempt=1,
+                status=status,
+                worker="w1",  # type: ignore[arg-type]
+                started_at=at(start),
+                ended_at=at(end),
+                exit_code=0 if status == "finished" else 1,
+            )
+            for n, status, start, end in runs
+        ]
+    )
+    app = create_app(store, broker, MonitorConfig())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
+        page = (await client.get(f"/workflows/{wf}")).text
+    charts = re.findall(r'<svg class="chart".*?</svg>', page, re.DOTALL)
+    assert [re.search(r'aria-label="([^"]+)"', c)[1] for c in charts] == ["events ended per second", "event durations"]  # type: ignore[index]
+    # every attempt that ended is counted once in the histogram, failures apart
+    counted = {"finished": 0, "failed": 0}
+    for n, kind in re.findall(r"<title>(\d+) (finished|failed)</title>", charts[1]):
+        counted[kind] += int(n)
+    assert counted == {"finished": 5, "failed": 1}
+    assert re.findall(r'<rect class="([\w-]+)"', charts[0])  # and the progress has columns

@@ -113,6 +113,9 @@ class _Pages:
     async def job_event_counts(self, job_id: int) -> dict[str, int]:
         return EVENTS
 
+    async def workflow_attempts(self, workflow_id: int, limit: int) -> list[dict[str, Any]]:
+        return []  # (the pictures: tests/test_monitor_pictures.py)
+
     async def job_attempts(self, job_id: int, limit: int) -> tuple[list[dict[str, Any]], int]:
         return [], 0  # (the timeline: tests/test_monitor_pictures.py)
 

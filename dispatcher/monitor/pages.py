@@ -164,7 +164,16 @@ def router(views: Views, guards: Guards) -> APIRouter:
         request: Request, workflow_id: WorkflowId, after: AfterJob = 0, status: PageJobFilter = None
     ) -> HTMLResponse:
         wf = await views.workflow(workflow_id, after, status or None)
-        return render(request, "workflow.html", wf=wf, levels=list(_levels(wf.tasks)), status=status)
+        progress, durations = await views.workflow_pictures(workflow_id)
+        return render(
+            request,
+            "workflow.html",
+            wf=wf,
+            levels=list(_levels(wf.tasks)),
+            status=status,
+            progress=progress,
+            durations=durations,
+        )
 
     @pages.get("/jobs/{job_id}", dependencies=page_read, response_class=HTMLResponse, include_in_schema=False)
     async def page_job(
@@ -173,9 +182,7 @@ def router(views: Views, guards: Guards) -> APIRouter:
         detail = await views.job(job_id)
         events = await views.job_events(job_id, after, status or None, PAGE)
         timeline = await views.job_timeline(job_id, _log_head(log_file(config.log_dir, detail.workflow_id, job_id)))
-        return render(
-            request, "job.html", job=detail, page=events, status=status or "", after=after, timeline=timeline
-        )
+        return render(request, "job.html", job=detail, page=events, status=status or "", after=after, timeline=timeline)
 
     @pages.get("/jobs/{job_id}/log", dependencies=page_read, include_in_schema=False)
     async def job_log(job_id: JobId) -> Response:

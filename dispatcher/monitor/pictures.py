@@ -1,6 +1,9 @@
 """The monitor's pictures, drawn on the server as SVG (no script, no chart library): they
 are part of the page, so they update live with it.
 
+``progress`` and ``durations`` (the workflow page): events ended per second over the run,
+and a histogram of how long events ran, each with finished and failed attempts apart.
+
 ``job_timeline``: a job's event attempts, one lane per worker slot (slots are what a
 worker runs at once: its attempts laid out so that none overlaps another in a lane), one
 bar per attempt coloured by outcome, and each worker's set-up and tear-down. Idle slots
@@ -120,3 +123,84 @@ def attempt_bars(rows: list[dict[str, object]], now: datetime) -> list[Bar]:
         title = f"event {r['number']} attempt {r['attempt']}: {kind}, {took:.3f} s on {r['worker']}"
         bars.append(Bar(str(r["worker"]), kind, started.timestamp(), ended.timestamp(), title))
     return bars
+
+
+# -- a workflow's progress and its events' durations -----------------------------------
+
+CHART_W, CHART_H, MARGIN = 460, 150, 34
+BINS = 40
+MAX_ENDED = 20_000  # the newest attempts a workflow's pictures are drawn from
+
+
+@dataclass(frozen=True)
+class Ended:
+    """An attempt that ended: when, after how long, and whether it finished."""
+
+    end: float
+    took: float
+    finished: bool
+
+
+def _columns(title: str, counts: list[tuple[int, int]], x_labels: tuple[str, str], unit: str) -> str:
+    """Stacked columns (finished below, failed on top) in a small SVG chart."""
+    top = max((f + x for f, x in counts), default=0) or 1
+    width = (CHART_W - MARGIN - 6) / max(len(counts), 1)
+    out = [
+        f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{CHART_W}" height="{CHART_H}" '
+        f'viewBox="0 0 {CHART_W} {CHART_H}" role="img" aria-label="{escape(title)}">',
+        "<style>text{font:11px sans-serif;fill:#333}</style>",
+        f'<text x="{MARGIN}" y="12">{escape(title)}</text>',
+        f'<text x="{MARGIN - 4}" y="26" text-anchor="end">{top}</text><text x="{MARGIN - 4}" y="{CHART_H - 20}" '
+        f'text-anchor="end">0</text>',
+    ]
+    base = CHART_H - 20
+    scale = (base - 22) / top
+    for i, (finished, failed) in enumerate(counts):
+        x = MARGIN + i * width
+        for n, kind, bottom in ((finished, "finished", base), (failed, "failed", base - finished * scale)):
+            if n:
+                h = n * scale
+                out.append(
+                    f'<rect class="{kind}" x="{x:.1f}" y="{bottom - h:.1f}" width="{max(width - 1, 1):.1f}" '
+                    f'height="{h:.1f}" fill="{COLOURS[kind]}"><title>{n} {kind}{unit}</title></rect>'
+                )
+    out.append(f'<text x="{MARGIN}" y="{CHART_H - 6}">{escape(x_labels[0])}</text>')
+    out.append(f'<text x="{CHART_W - 6}" y="{CHART_H - 6}" text-anchor="end">{escape(x_labels[1])}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def progress(ended: list[Ended]) -> Markup:
+    """Attempts ended per second over the workflow's run, finished and failed stacked."""
+    if not ended:
+        return Markup("")
+    t0, t1 = min(e.end for e in ended), max(e.end for e in ended)
+    step = max((t1 - t0) / BINS, 1.0)  # a second at least: a rate over less says little
+    bins = min(BINS, int((t1 - t0) / step) + 1)
+    counts = [[0, 0] for _ in range(bins)]
+    for e in ended:
+        counts[min(int((e.end - t0) / step), bins - 1)][0 if e.finished else 1] += 1
+    per_second = [(round(f / step), round(x / step)) for f, x in counts]
+    return Markup(_columns("events ended per second", per_second, ("0 s", _seconds(t1 - t0)), "/s"))
+
+
+def durations(ended: list[Ended]) -> Markup:
+    """How long events ran, finished and failed apart (up to the 99th percentile)."""
+    if not ended:
+        return Markup("")
+    took = sorted(e.took for e in ended)
+    top = max(took[min(int(len(took) * 0.99), len(took) - 1)], 1e-3)
+    step = top / BINS
+    counts = [[0, 0] for _ in range(BINS)]
+    for e in ended:
+        counts[min(int(e.took / step), BINS - 1)][0 if e.finished else 1] += 1
+    return Markup(_columns("event durations", [(f, x) for f, x in counts], ("0 s", f"{top:.3g} s and more"), ""))
+
+
+def ended_attempts(rows: list[dict[str, object]]) -> list[Ended]:
+    out = []
+    for r in rows:
+        start, end = r["started_at"], r["ended_at"]
+        if isinstance(start, datetime) and isinstance(end, datetime) and r["status"] in ("finished", "failed"):
+            out.append(Ended(end.timestamp(), (end - start).total_seconds(), r["status"] == "finished"))
+    return out

@@ -109,6 +109,11 @@ class Views:
             )
         return pictures.job_timeline(bars, left_out=total - len(rows))
 
+    async def workflow_pictures(self, workflow_id: int) -> tuple[Markup, Markup]:
+        """The workflow's progress (events ended per second) and its events' durations."""
+        ended = pictures.ended_attempts(await self.store.workflow_attempts(workflow_id, pictures.MAX_ENDED))
+        return pictures.progress(ended), pictures.durations(ended)
+
     async def job_events(self, job_id: int, after: int, status: str | None, limit: int) -> EventsPage:
         return _page(await self.store.job_events_page(job_id, after, status, limit + 1), limit)
 

@@ -748,3 +748,11 @@ LIMIT $2;
 
 -- name: count_job_attempts
 SELECT count(*) FROM attempts WHERE job_id = $1 AND started_at IS NOT NULL;
+
+-- name: workflow_attempts
+-- A workflow's newest $2 attempts that ended, for its progress and durations pictures.
+SELECT a.status, a.started_at, a.ended_at
+FROM attempts a JOIN jobs j ON j.id = a.job_id
+WHERE j.workflow_id = $1 AND a.ended_at IS NOT NULL AND a.started_at IS NOT NULL
+ORDER BY a.ended_at DESC
+LIMIT $2;
