@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -50,3 +51,11 @@ def bad_text(payload: str) -> str:
     if payload == "surrogate":
         raise ValueError("bad \udcff byte")
     return "fine"
+
+
+def lose_work_dirs(payload: str) -> str:
+    """``ROOT``: removes the jobs' work directories under ROOT, then returns a result, whose
+    output file (in the work directory that is gone) cannot be written."""
+    for work_dir in Path(payload).glob("job-*"):
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return "done"

@@ -271,3 +271,18 @@ async def test_a_job_that_comes_back_during_its_tear_down_is_set_up_apart_from_i
     # (its payload writes its result after the old tear-down removed the old directory)
     await eventually(lambda: asyncio.sleep(0, rig.finals("finished") == [0, 1]), timeout=8, what="the new event")
     assert rig.finals("failed") == []
+
+
+async def test_a_payload_whose_files_fail_here_fails_its_attempt_and_is_not_left_running(rig: Rig) -> None:
+    """Its work directory gone (a full disk would do as well): the result cannot be written.
+    That attempt fails, reported, and the range is acked; it is not abandoned unacked as if
+    the broker were down."""
+    queue = await rig.job([str(rig.tmp / "work")], spec=PayloadSpec(function="tests.payloads:lose_work_dirs"))
+    worker = rig.worker(slots=1)
+    stop = rig.start(worker)
+    await rig.until(lambda: rig.finals("failed") == [0], "the attempt failed")
+    [failed] = [u for u in rig.updates if u.status == "failed"]
+    assert failed.error is not None and "could not run it" in failed.error
+    await rig.until(lambda: not worker.jobs, "the job torn down")
+    assert await rig.control.queue_state(queue) == (0, 0)  # acked, not held
+    await rig.stopped(worker, stop)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from schemas.joblog import event_footer, event_header
 from schemas.messages import EventRange, EventSpec, EventStatus, MessageError, Refused, StatusUpdate, decode
+from schemas.text import storable
 from transport.interface import Delivery
 from workers.job import Job
 from workers.payload import Outcome, now
@@ -56,6 +57,18 @@ class Ran:
     finals: list[StatusUpdate | Ended] = field(default_factory=list)
     rest: list[EventSpec] = field(default_factory=list)
     refused: list[Refused] = field(default_factory=list)
+
+
+async def _run(job: Job, event: EventSpec, output: str) -> Outcome:
+    """The payload's outcome. An OSError from its files here (its output, its work dir:
+    a full disk, say) fails this attempt: taken for a broker outage, the range used to be
+    left unacked on a live channel, and its event 'running' for good."""
+    started = now()
+    try:
+        return await job.runner.run(event.payload, output, job.work_dir)
+    except OSError as exc:
+        log.warning("payload could not run here", extra={"job": job.id, "event": event.number, "error": repr(exc)})
+        return Outcome("failed", started, now(), None, storable(f"the worker could not run it: {exc!r}", 1000))
 
 
 def _output(job: Job, event: EventSpec) -> str:
@@ -161,7 +174,7 @@ class RangeRunner:
             # a plain function blocks the loop while it runs: it cannot be interrupted, so
             # it needs no task, and its 'running' could not leave before it ended, so it
             # gets none (its final update carries its start)
-            return await job.runner.run(event.payload, output, job.work_dir)
+            return await _run(job, event, output)
         # reported once the payload is under way (at the slot's next suspension): making
         # and queueing the update need not delay its start
         if not confirmed:
@@ -172,7 +185,7 @@ class RangeRunner:
         assert slot is not None
         job.running.add(slot)
         try:
-            outcome = await job.runner.run(event.payload, output, job.work_dir)
+            outcome = await _run(job, event, output)
         except asyncio.CancelledError:
             # that cancellation (once, and of a cancelled job) is taken back; any other,
             # such as a shutdown's after its grace period, goes on
