@@ -138,7 +138,7 @@ class Pilots:
     async def update_job(self, form: Mapping[str, str], host: str) -> dict[str, Any]:
         """A pilot's heartbeat or its job's final state. A final state ends its lease:
         what it still runs is given back now (and charged), not when the lease runs out."""
-        job_id = form_id(dict(form), "jobId")
+        job_id = form_id(form, "jobId")
         assert job_id is not None
         job = await self._job(job_id)
         state = form.get("state", "")
@@ -156,7 +156,7 @@ class Pilots:
 
     async def get_event_ranges(self, form: Mapping[str, str], host: str) -> dict[str, Any]:
         job = await self._named_job(form)
-        wanted = min(form_id(dict(form), "nRanges", required=False) or 1, MAX_RANGES_PER_CALL)
+        wanted = min(form_id(form, "nRanges", required=False) or 1, MAX_RANGES_PER_CALL)
         if not job.active:
             return answer(eventRanges=[])  # ended or cancelled: nothing will come
         await self.store.pilot_seen(job.id, host, self.lease)
@@ -292,14 +292,13 @@ class Pilots:
 
     async def _named_job(self, form: Mapping[str, str]) -> PilotJob:
         """The job getEventRanges and checkEventsAvailability name, its ids checked."""
-        fields = dict(form)
-        job_id = form_id(fields, "pandaID")
+        job_id = form_id(form, "pandaID")
         assert job_id is not None
         job = await self._job(job_id)
-        jobset = form_id(fields, "jobsetID", required=False)
+        jobset = form_id(form, "jobsetID", required=False)
         if jobset is not None and jobset != job.id:
             raise PandaError(SC_FAILED, f"jobsetID {jobset}: job {job.id} is its own jobset")
-        task = form_id(fields, "taskID", required=False)
+        task = form_id(form, "taskID", required=False)
         if task is not None and task != job.task_id:
             raise PandaError(SC_FAILED, f"taskID {task}: job {job.id} is of task {job.task_id}")
         return job

@@ -10,6 +10,7 @@ range is one event at one attempt, ``<taskID>-<PandaID>-<jobsetID>-<number>-<att
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -67,7 +68,7 @@ class RangeId:
         return cls(task, job, number, attempt)
 
 
-def form_id(form: dict[str, str], key: str, *, required: bool = True) -> int | None:
+def form_id(form: Mapping[str, str], key: str, *, required: bool = True) -> int | None:
     """An id field of a form: a positive integer, or a PanDA error naming it."""
     value = form.get(key)
     if value is None or value == "":
