@@ -32,6 +32,23 @@ from dispatcher.submit import submit
 
 RESULTS = Path(__file__).parent / "results"
 
+# the counts as they were read before the bookkeeping kept counters: for comparison
+BEFORE = [
+    (
+        "before counters: a workflow's counts (GROUP BY)",
+        "SELECT task_id, status, count(*) FROM events WHERE task_id IN (SELECT id FROM tasks WHERE workflow_id = $1)"
+        " GROUP BY task_id, status",
+        True,
+    ),
+    (
+        "before counters: the list's counts (GROUP BY)",
+        "SELECT w.id, (SELECT jsonb_object_agg(c.status, c.n) FROM (SELECT e.status, count(*) AS n FROM events e"
+        " WHERE e.task_id IN (SELECT id FROM tasks WHERE workflow_id = w.id) GROUP BY e.status) c)"
+        " FROM workflows w ORDER BY w.id DESC LIMIT 50",
+        False,
+    ),
+]
+
 
 def write_inputs(folder: Path, events: int, per_job: int) -> Path:
     mapping = folder / "mapping.json"
@@ -76,11 +93,34 @@ async def main() -> None:
             " WHEN number % 10 = 7 THEN 'running' ELSE 'queued' END, attempt = 1, worker = 'w1',"
             " started_at = now(), ended_at = now(), error = CASE WHEN number % 1000 = 7 THEN 'boom' END"
         )
-        await store.pool.execute("VACUUM ANALYZE events")
         job = await store.pool.fetchval("SELECT max(id) FROM jobs")
         task = await store.pool.fetchval("SELECT id FROM tasks")
+        # an attempt for each event that ran (the durations' counters follow), and a
+        # sample of the counts every 2 s over an hour's run (the progress pictures)
+        await store.pool.execute(
+            "INSERT INTO attempts (job_id, number, attempt, status, worker, started_at, ended_at)"
+            " SELECT job_id, number, 1, CASE WHEN status = 'running' THEN 'running' ELSE status END, 'w1',"
+            " now() - interval '1 hour' + number * interval '3 ms',"
+            " CASE WHEN status = 'running' THEN NULL"
+            " ELSE now() - interval '1 hour' + number * interval '3 ms' + (number % 97) * interval '11 ms' END"
+            " FROM events WHERE status IN ('finished', 'failed', 'running')"
+        )
+        await store.pool.execute(
+            "INSERT INTO event_count_samples (task_id, at, counts)"
+            " SELECT $1, now() - interval '1 hour' + i * interval '2 s',"
+            " jsonb_build_object('finished', i * $2 / 1800, 'queued', $2 - i * $2 / 1800)"
+            " FROM generate_series(0, 1799) i",
+            task,
+            args.events,
+        )
+        await store.compact_event_counts()
+        await store.pool.execute("VACUUM ANALYZE events")
+        await store.pool.execute("VACUUM ANALYZE attempts")
         deep = args.per_job * (args.events // args.per_job - 1) + args.per_job - 200
         requests = {
+            "workflows list (HTML)": "/",
+            "workflow page (HTML, counts, pictures, jobs)": f"/workflows/{wf}",
+            "task page (HTML, counts, pictures, events)": f"/tasks/{task}",
             "job page (HTML, first 100 events)": f"/jobs/{job}",
             "job page (HTML, deep page)": f"/jobs/{job}?after={deep}",
             "job page (HTML, only failed)": f"/jobs/{job}?status=failed",
@@ -113,6 +153,16 @@ async def main() -> None:
                     }
                 )
                 print(f"{label:<40} median {statistics.median(times):8.1f} ms   max {max(times):8.1f} ms")
+        # what the counts cost before the counters (migration 0011), in the same run
+        for label, sql, arg in BEFORE:
+            times = []
+            for _ in range(args.runs):
+                t0 = time.perf_counter()
+                await store.pool.fetch(sql, *([wf] if arg else []))
+                times.append((time.perf_counter() - t0) * 1000)
+            median, worst = round(statistics.median(times), 1), round(max(times), 1)
+            rows.append({"request": label, "url": "", "median_ms": median, "max_ms": worst})
+            print(f"{label:<40} median {statistics.median(times):8.1f} ms   max {max(times):8.1f} ms")
         await store.close()
         report = {
             "benchmark": "monitor",

@@ -37,6 +37,9 @@ UNCONSUMED_CHECK_SECONDS = 0.5
 # worker, say) is charged if the worker stays silent this long after: a live one
 # reconnects and sends heartbeats every second for a while (Worker.reconnected)
 HELD_GRACE = 2.5
+# the event counters' delta rows are folded this often: a busy run adds a few per
+# bookkeeping batch, and a count reads them all
+COMPACT_COUNTS_SECONDS = 5.0
 
 
 class ControlPlane:
@@ -80,6 +83,9 @@ class ControlPlane:
             asyncio.create_task(self._unconsumed(), name="unconsumed"),
             asyncio.create_task(self._every(UNCONSUMED_CHECK_SECONDS, self.charge_held, "held"), name="held"),
             asyncio.create_task(self.finisher.delete_queues(), name="queue deleter"),
+            asyncio.create_task(
+                self._every(COMPACT_COUNTS_SECONDS, self.store.compact_event_counts, "counts"), name="counts"
+            ),
             asyncio.create_task(
                 self._every(CLAIM_LEASE_SECONDS / 4, self.releaser.renew_claims, "claims", everyone=True),
                 name="claims",

@@ -29,9 +29,21 @@ class Reads:
         total = await self.pool.fetchval(q("count_job_attempts"), job_id)
         return rows, int(total)
 
-    async def workflow_attempts(self, workflow_id: int, limit: int) -> list[dict[str, Any]]:
-        """A workflow's newest ``limit`` attempts that ended (for its pictures)."""
-        return await self._rows("workflow_attempts", workflow_id, limit)
+    async def count_samples(self, task_ids: list[int], per_task: int) -> list[dict[str, Any]]:
+        """The tasks' counts by state as sampled over their run (about ``per_task`` of
+        each, evenly spaced), oldest first: task_id, at, counts."""
+        return await self._rows("event_count_samples", task_ids, per_task)
+
+    async def duration_counts(self, task_ids: list[int]) -> list[dict[str, Any]]:
+        """The tasks' ended attempts counted by status and duration bucket."""
+        return await self._rows("attempt_durations", task_ids)
+
+    async def monitor_task(self, task_id: int) -> dict[str, Any] | None:
+        """A task with its workflow's name, its events counted by state."""
+        row = await self.pool.fetchrow(q("monitor_task"), task_id)
+        if row is None:
+            return None
+        return {**dict(row), "events": await self._counts("task_event_counts", task_id)}
 
     async def workflow_spec(self, workflow_id: int) -> dict[str, Any] | None:
         """The submission a workflow was made from, as it was read."""

@@ -484,6 +484,16 @@ class Store(Reads, Leases):
 
     # -- reading ----------------------------------------------------------------------
 
+    async def compact_event_counts(self) -> list[int]:
+        """Fold the counters' delta rows (each statement on events and attempts adds
+        some), and sample the counts of the tasks that changed. Returns those tasks."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            changed = [r["task_id"] for r in await conn.fetch(q("compact_event_counts"))]
+            await conn.execute(q("compact_attempt_durations"))
+            if changed:
+                await conn.execute(q("sample_event_counts"), changed)
+        return changed
+
     async def workflow_status(self, workflow_id: int) -> dict[str, Any] | None:
         async with self.pool.acquire() as conn:
             wf = await conn.fetchrow(q("workflow"), workflow_id)

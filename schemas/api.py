@@ -46,6 +46,25 @@ class TaskView(BaseModel):
     finished_at: datetime | None = None
 
 
+class TaskDetail(BaseModel):
+    """A task on its own page: its events by state (from the bookkeeping's counters)."""
+
+    id: int
+    workflow_id: int
+    workflow: str
+    label: str
+    status: str
+    event_service: bool
+    max_payloads_per_job: int
+    n_events: int
+    n_jobs: int
+    done: int  # events in a terminal state
+    events: dict[str, int]
+    released_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
 class JobView(BaseModel):
     id: int
     label: str

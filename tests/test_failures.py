@@ -191,6 +191,17 @@ async def assert_consistent(store: Store) -> None:
         )
 
     await eventually(none_stranded, timeout=10, what="no attempt left 'running'")
+    await assert_counts_kept(store)
+
+
+async def assert_counts_kept(store: Store) -> None:
+    """The event counters (kept by the statements on events) say what the events say."""
+    counted = await store.pool.fetch(
+        "SELECT task_id, status, sum(n) AS n FROM event_counts GROUP BY 1, 2 HAVING sum(n) <> 0 ORDER BY 1, 2"
+    )
+    grouped = await store.pool.fetch("SELECT task_id, status, count(*) AS n FROM events GROUP BY 1, 2 ORDER BY 1, 2")
+    assert grouped, "the comparison must see events"
+    assert [tuple(r) for r in counted] == [tuple(r) for r in grouped]
 
 
 async def test_failed_events_are_retried_alone_then_dead_lettered_then_replayed(

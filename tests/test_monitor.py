@@ -10,7 +10,7 @@ import re
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -286,17 +286,54 @@ async def test_job_page_updates_live_in_chromium(store: Store, broker: Broker, w
             assert "finished" in await page.locator("#events tr").nth(1).inner_text()
             assert await page.locator("svg.timeline").is_visible()  # the job's timeline is drawn
             await page.screenshot(path=str(artifacts / "monitor-job-page.png"), full_page=True)
+            await run_on(store, world.running)  # the workflow's other events run, a sample between each
             await page.goto(f"http://127.0.0.1:{port}/workflows/{world.running}")
             charts = page.locator("svg.chart")
             await charts.first.wait_for(timeout=10_000)
-            assert await charts.count() == 2  # progress and durations
+            names = [await charts.nth(i).get_attribute("aria-label") for i in range(await charts.count())]
+            assert names == ["events ended per second", "events by state", "event durations"]
             await page.screenshot(path=str(artifacts / "monitor-workflow-page.png"), full_page=True)
+            await page.locator(".task a").first.click()  # the task's own page, its pictures too
+            await page.locator("#events").wait_for(timeout=10_000)
+            assert await page.locator("svg.chart").count() == 3
+            await page.screenshot(path=str(artifacts / "monitor-task-page.png"), full_page=True)
             await browser.close()
     finally:
         stop.set()
         await server
     assert (artifacts / "monitor-job-page.png").stat().st_size > 0
     assert (artifacts / "monitor-workflow-page.png").stat().st_size > 0
+    assert (artifacts / "monitor-task-page.png").stat().st_size > 0
+
+
+async def run_on(store: Store, workflow: int) -> None:
+    """Finish the workflow's queued events one by one, as the bookkeeping would, with the
+    watchdog's fold (and so a sample of the counts) after each: its progress over time."""
+    rows = await store.pool.fetch(
+        "SELECT e.job_id, e.number FROM events e JOIN jobs j ON j.id = e.job_id"
+        " WHERE j.workflow_id = $1 AND e.status = 'queued' ORDER BY e.number",
+        workflow,
+    )
+    await store.compact_event_counts()
+    for k, r in enumerate(rows):
+        now = datetime.now(UTC)
+        took = timedelta(milliseconds=40 * (k + 1))
+        await store.apply(
+            [
+                StatusUpdate(
+                    job_id=r["job_id"],
+                    number=r["number"],
+                    attempt=1,
+                    status="finished",
+                    worker="w2",
+                    started_at=now - took,
+                    ended_at=now,
+                    exit_code=0,
+                )
+            ]
+        )
+        await store.compact_event_counts()
+        await asyncio.sleep(0.15)
 
 
 async def test_status_watch_draws_progress_and_exits_with_the_outcome(settings: object, world: World) -> None:

@@ -90,13 +90,16 @@ async def test_the_job_page_draws_the_jobs_timeline_from_its_attempts_and_its_lo
     assert "event 2 attempt 1: retried, 2.000 s on w1" in svg  # each bar says what it is
 
 
-async def test_the_workflow_page_draws_its_progress_and_its_event_durations(
+async def test_the_workflow_and_task_pages_draw_progress_states_and_durations_from_counters(
     store: Store, broker: Broker, tmp_path: Path
 ) -> None:
     wf = await submit(store, write_workflow(tmp_path, {"isr": [f"ok:{i}" for i in range(6)]}, per_job=6))
     await store.release_ready_tasks()
     [job] = await store.claim_jobs(10)
     await store.mark_jobs_queued([job])
+    task = await store.pool.fetchval("SELECT task_id FROM jobs WHERE id = $1", job)
+    assert await store.compact_event_counts() == [task]  # the first sample: all queued
+    assert await store.compact_event_counts() == []  # nothing changed: no sample
     # five finish, one fails (its retry is issued); one 0.5 s event, the others 2 s
     runs = [(n, "finished", 2.0 * n, 2.0 * n + (0.5 if n == 0 else 2.0)) for n in range(5)]
     runs.append((5, "failed", 1.0, 3.0))
@@ -115,14 +118,23 @@ async def test_the_workflow_page_draws_its_progress_and_its_event_durations(
             for n, status, start, end in runs
         ]
     )
+    assert await store.compact_event_counts() == [task]
+    samples = await store.count_samples([task], 100)
+    assert [s["counts"] for s in samples] == [{"queued": 6}, {"finished": 5, "retrying": 1}]
     app = create_app(store, broker, MonitorConfig())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
-        page = (await client.get(f"/workflows/{wf}")).text
-    charts = re.findall(r'<svg class="chart".*?</svg>', page, re.DOTALL)
-    assert [re.search(r'aria-label="([^"]+)"', c)[1] for c in charts] == ["events ended per second", "event durations"]  # type: ignore[index]
-    # every attempt that ended is counted once in the histogram, failures apart
-    counted = {"finished": 0, "failed": 0}
-    for n, kind in re.findall(r"<title>(\d+) (finished|failed)</title>", charts[1]):
-        counted[kind] += int(n)
-    assert counted == {"finished": 5, "failed": 1}
-    assert re.findall(r'<rect class="([\w-]+)"', charts[0])  # and the progress has columns
+        pages = [(await client.get(url)).text for url in (f"/workflows/{wf}", f"/tasks/{task}")]
+    for page in pages:
+        charts = re.findall(r'<svg class="chart".*?</svg>', page, re.DOTALL)
+        names = [re.search(r'aria-label="([^"]+)"', c)[1] for c in charts]  # type: ignore[index]
+        assert names == ["events ended per second", "events by state", "event durations"]
+        # every attempt that ended is counted once in the histogram, failures apart
+        counted = {"finished": 0, "failed": 0}
+        for n, kind in re.findall(r"<title>(\d+) (finished|failed)</title>", charts[2]):
+            counted[kind] += int(n)
+        assert counted == {"finished": 5, "failed": 1}
+        # the 0.5 s event and the 2 s ones: two columns, two octaves (eight buckets) apart
+        assert len(re.findall(r'<rect class="finished"', charts[2])) == 2
+        assert re.findall(r'<rect class="finished"', charts[0])  # the progress has columns
+        # the states: queued at first, then finished and retrying
+        assert {"queued", "finished", "retrying"} <= set(re.findall(r'<polygon class="(\w+)"', charts[1]))

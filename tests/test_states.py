@@ -113,8 +113,29 @@ class _Pages:
     async def job_event_counts(self, job_id: int) -> dict[str, int]:
         return EVENTS
 
-    async def workflow_attempts(self, workflow_id: int, limit: int) -> list[dict[str, Any]]:
+    async def monitor_task(self, task_id: int) -> dict[str, Any]:
+        return {
+            "id": task_id,
+            "workflow_id": 1,
+            "workflow": "w",
+            "label": "t0",
+            "status": "running",
+            "event_service": True,
+            "max_payloads_per_job": 2,
+            "n_events": sum(EVENTS.values()),
+            "n_jobs": 1,
+            "events": EVENTS,
+        }
+
+    async def task_events_page(self, task_id: int, after: int, status: str | None, limit: int) -> list[dict[str, Any]]:
+        event = {"job_id": 1, "payload": "p", "attempt": 1}
+        return [{**event, "number": n, "status": s} for n, s in enumerate(EVENT_STATES)]
+
+    async def count_samples(self, task_ids: list[int], per_task: int) -> list[dict[str, Any]]:
         return []  # (the pictures: tests/test_monitor_pictures.py)
+
+    async def duration_counts(self, task_ids: list[int]) -> list[dict[str, Any]]:
+        return []
 
     async def job_attempts(self, job_id: int, limit: int) -> tuple[list[dict[str, Any]], int]:
         return [], 0  # (the timeline: tests/test_monitor_pictures.py)
@@ -152,8 +173,9 @@ async def test_the_pages_show_every_state() -> None:
     done = terminal(EVENTS)  # each task's bar counts its ended events
     assert html.count(f'title="{done}/{sum(EVENTS.values())}"') == len(TASK_STATES)
 
-    html = await _page("/jobs/1")
-    _counts_shown(html)
-    for s in EVENT_STATES:
-        assert f">{s}</option>" in html, s
-        assert f'<span class="state {s}">{s}</span>' in html, s
+    for url in ("/jobs/1", "/tasks/1"):
+        html = await _page(url)
+        _counts_shown(html)
+        for s in EVENT_STATES:
+            assert f">{s}</option>" in html, (url, s)
+            assert f'<span class="state {s}">{s}</span>' in html, (url, s)

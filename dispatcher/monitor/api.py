@@ -9,6 +9,7 @@ from dispatcher.metrics import render_metrics
 from dispatcher.monitor.auth import Guards
 from dispatcher.monitor.params import (
     NOT_FOUND_JOB,
+    NOT_FOUND_TASK,
     NOT_FOUND_WORKFLOW,
     PAGE,
     UNAUTHORIZED,
@@ -24,7 +25,15 @@ from dispatcher.monitor.params import (
     WorkflowId,
 )
 from dispatcher.monitor.views import Views
-from schemas.api import DeadLetters, EventsPage, JobDetail, WorkerView, WorkflowDetail, WorkflowSummary
+from schemas.api import (
+    DeadLetters,
+    EventsPage,
+    JobDetail,
+    TaskDetail,
+    WorkerView,
+    WorkflowDetail,
+    WorkflowSummary,
+)
 
 
 def router(views: Views, guards: Guards) -> APIRouter:
@@ -69,6 +78,16 @@ def router(views: Views, guards: Guards) -> APIRouter:
         """A page of a job's events by number (``after``: the last number seen), optionally of one state
         (an unknown job has none)."""
         return await views.job_events(job_id, after, status, limit)
+
+    @api.get(
+        "/api/tasks/{task_id}",
+        dependencies=read,
+        response_model=TaskDetail,
+        responses={**UNAUTHORIZED, **NOT_FOUND_TASK},
+    )
+    async def api_task(task_id: TaskId) -> TaskDetail:
+        """A task and its events counted by state."""
+        return await views.task(task_id)
 
     @api.get(
         "/api/tasks/{task_id}/events",

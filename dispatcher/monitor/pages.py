@@ -28,6 +28,7 @@ from dispatcher.monitor.params import (
     JobId,
     PageEventFilter,
     PageJobFilter,
+    TaskId,
     WorkflowFilter,
     WorkflowId,
 )
@@ -164,16 +165,17 @@ def router(views: Views, guards: Guards) -> APIRouter:
         request: Request, workflow_id: WorkflowId, after: AfterJob = 0, status: PageJobFilter = None
     ) -> HTMLResponse:
         wf = await views.workflow(workflow_id, after, status or None)
-        progress, durations = await views.workflow_pictures(workflow_id)
-        return render(
-            request,
-            "workflow.html",
-            wf=wf,
-            levels=list(_levels(wf.tasks)),
-            status=status,
-            progress=progress,
-            durations=durations,
-        )
+        charts = await views.pictures([t.id for t in wf.tasks])
+        return render(request, "workflow.html", wf=wf, levels=list(_levels(wf.tasks)), status=status, charts=charts)
+
+    @pages.get("/tasks/{task_id}", dependencies=page_read, response_class=HTMLResponse, include_in_schema=False)
+    async def page_task(
+        request: Request, task_id: TaskId, after: AfterEvent = -1, status: PageEventFilter = None
+    ) -> HTMLResponse:
+        task = await views.task(task_id)
+        events = await views.task_events(task_id, after, status or None, PAGE)
+        charts = await views.pictures([task_id])
+        return render(request, "task.html", task=task, page=events, status=status or "", charts=charts)
 
     @pages.get("/jobs/{job_id}", dependencies=page_read, response_class=HTMLResponse, include_in_schema=False)
     async def page_job(

@@ -49,5 +49,6 @@ FORBIDDEN: Responses = {
 NO_BROKER: Responses = {503: _problem("RabbitMQ is not configured for this monitor")}
 NOT_FOUND_WORKFLOW: Responses = {404: _problem("No such workflow")}
 NOT_FOUND_JOB: Responses = {404: _problem("No such job")}
+NOT_FOUND_TASK: Responses = {404: _problem("No such task")}
 NOT_RUNNING: Responses = {409: _problem("The workflow is not running")}
 UNREADABLE_BODY: Responses = {400: _problem("The body cannot be read (not UTF-8)")}

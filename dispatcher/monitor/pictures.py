@@ -1,8 +1,9 @@
 """The monitor's pictures, drawn on the server as SVG (no script, no chart library): they
 are part of the page, so they update live with it.
 
-``progress`` and ``durations`` (the workflow page): events ended per second over the run,
-and a histogram of how long events ran, each with finished and failed attempts apart.
+``progress``, ``states`` and ``durations`` (the workflow and task pages): events ended
+per second over the run, events by state stacked over the run, and a histogram of how
+long attempts ran, finished and failed apart; all three from counters (see below).
 
 ``job_timeline``: a job's event attempts, one lane per worker slot (slots are what a
 worker runs at once: its attempts laid out so that none overlaps another in a lane), one
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from html import escape
+from itertools import pairwise
 
 from markupsafe import Markup
 
@@ -125,35 +127,91 @@ def attempt_bars(rows: list[dict[str, object]], now: datetime) -> list[Bar]:
     return bars
 
 
-# -- a workflow's progress and its events' durations -----------------------------------
+# -- a task's or a workflow's progress, and its events' durations ----------------------
+#
+# Drawn from counters, never from the events: the watchdog samples each task's counts by
+# state as it folds the counters (tasks whose counts changed), and the attempts' durations
+# are counted in buckets by a trigger (migration 0011). A picture costs the same at a
+# thousand events and at a million.
 
-CHART_W, CHART_H, MARGIN = 460, 150, 34
+CHART_W, CHART_H, MARGIN = 460, 150, 40
 BINS = 40
-MAX_ENDED = 20_000  # the newest attempts a workflow's pictures are drawn from
+MAX_SAMPLES = 400  # of each task, evenly spaced over its run
+# the stacking order, bottom first, and each state's colour
+STATE_COLOURS = {
+    "finished": "#2e8b57",
+    "failed": "#c0392b",
+    "cancelled": "#7f8c8d",
+    "retrying": "#e67e22",
+    "running": "#2f80ed",
+    "queued": "#9ec5fe",
+    "ready": "#dfe6ee",
+}
 
 
 @dataclass(frozen=True)
-class Ended:
-    """An attempt that ended: when, after how long, and whether it finished."""
+class Sample:
+    """The events by state at a moment, summed over the tasks drawn."""
 
-    end: float
-    took: float
-    finished: bool
+    at: float  # seconds since the epoch
+    counts: dict[str, int]
 
 
-def _columns(title: str, counts: list[tuple[int, int]], x_labels: tuple[str, str], unit: str) -> str:
-    """Stacked columns (finished below, failed on top) in a small SVG chart."""
-    top = max((f + x for f, x in counts), default=0) or 1
-    width = (CHART_W - MARGIN - 6) / max(len(counts), 1)
-    out = [
+def totals(rows: list[dict[str, object]]) -> list[Sample]:
+    """Samples of several tasks (task_id, at, counts) summed at each moment one was taken:
+    a task without a sample then (its counts did not change) counts as at its last."""
+    last: dict[object, dict[str, int]] = {}
+    out: list[Sample] = []
+    for r in rows:  # ordered by time
+        at = r["at"]
+        counts = r["counts"]
+        if not isinstance(at, datetime) or not isinstance(counts, dict):
+            continue
+        last[r["task_id"]] = {str(k): int(v) for k, v in counts.items()}
+        summed: dict[str, int] = {}
+        for task_counts in last.values():
+            for state, n in task_counts.items():
+                summed[state] = summed.get(state, 0) + n
+        if out and out[-1].at == at.timestamp():
+            out[-1] = Sample(at.timestamp(), summed)
+        else:
+            out.append(Sample(at.timestamp(), summed))
+    return out
+
+
+def _svg_open(title: str) -> list[str]:
+    return [
         f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{CHART_W}" height="{CHART_H}" '
         f'viewBox="0 0 {CHART_W} {CHART_H}" role="img" aria-label="{escape(title)}">',
         "<style>text{font:11px sans-serif;fill:#333}</style>",
         f'<text x="{MARGIN}" y="12">{escape(title)}</text>',
-        f'<text x="{MARGIN - 4}" y="26" text-anchor="end">{top}</text><text x="{MARGIN - 4}" y="{CHART_H - 20}" '
-        f'text-anchor="end">0</text>',
     ]
+
+
+def _y_axis(top: float, base: float, label: str) -> str:
+    return (
+        f'<text x="{MARGIN - 4}" y="26" text-anchor="end">{escape(label)}</text>'
+        f'<text x="{MARGIN - 4}" y="{base}" text-anchor="end">0</text>'
+    )
+
+
+def _x_axis(left: str, right: str) -> str:
+    return (
+        f'<text x="{MARGIN}" y="{CHART_H - 6}">{escape(left)}</text>'
+        f'<text x="{CHART_W - 6}" y="{CHART_H - 6}" text-anchor="end">{escape(right)}</text>'
+    )
+
+
+def _count(n: float) -> str:
+    return f"{n:,.0f}" if n >= 10 else f"{n:.2g}"
+
+
+def _columns(title: str, counts: list[tuple[float, float]], x_labels: tuple[str, str], unit: str) -> str:
+    """Stacked columns (finished below, failed on top) in a small SVG chart."""
+    top = max((f + x for f, x in counts), default=0) or 1
+    width = (CHART_W - MARGIN - 6) / max(len(counts), 1)
     base = CHART_H - 20
+    out = [*_svg_open(title), _y_axis(top, base, _count(top))]
     scale = (base - 22) / top
     for i, (finished, failed) in enumerate(counts):
         x = MARGIN + i * width
@@ -162,45 +220,88 @@ def _columns(title: str, counts: list[tuple[int, int]], x_labels: tuple[str, str
                 h = n * scale
                 out.append(
                     f'<rect class="{kind}" x="{x:.1f}" y="{bottom - h:.1f}" width="{max(width - 1, 1):.1f}" '
-                    f'height="{h:.1f}" fill="{COLOURS[kind]}"><title>{n} {kind}{unit}</title></rect>'
+                    f'height="{h:.1f}" fill="{COLOURS[kind]}"><title>{_count(n)} {kind}{unit}</title></rect>'
                 )
-    out.append(f'<text x="{MARGIN}" y="{CHART_H - 6}">{escape(x_labels[0])}</text>')
-    out.append(f'<text x="{CHART_W - 6}" y="{CHART_H - 6}" text-anchor="end">{escape(x_labels[1])}</text>')
+    out.append(_x_axis(*x_labels))
     out.append("</svg>")
     return "".join(out)
 
 
-def progress(ended: list[Ended]) -> Markup:
-    """Attempts ended per second over the workflow's run, finished and failed stacked."""
-    if not ended:
+def progress(samples: list[Sample]) -> Markup:
+    """Events that ended per second over the run, finished and failed stacked: the change
+    in the counts from one sample to the next (up to BINS columns)."""
+    if len(samples) < 2:
         return Markup("")
-    t0, t1 = min(e.end for e in ended), max(e.end for e in ended)
-    step = max((t1 - t0) / BINS, 1.0)  # a second at least: a rate over less says little
+    t0, t1 = samples[0].at, samples[-1].at
+    step = max((t1 - t0) / BINS, 1.0)
     bins = min(BINS, int((t1 - t0) / step) + 1)
-    counts = [[0, 0] for _ in range(bins)]
-    for e in ended:
-        counts[min(int((e.end - t0) / step), bins - 1)][0 if e.finished else 1] += 1
-    per_second = [(round(f / step), round(x / step)) for f, x in counts]
-    return Markup(_columns("events ended per second", per_second, ("0 s", _seconds(t1 - t0)), "/s"))
+    ended = [[0.0, 0.0] for _ in range(bins)]
+    for before, after in pairwise(samples):
+        i = min(int((after.at - t0) / step), bins - 1)
+        ended[i][0] += max(after.counts.get("finished", 0) - before.counts.get("finished", 0), 0)
+        ended[i][1] += max(after.counts.get("failed", 0) - before.counts.get("failed", 0), 0)
+    rates = [(f / step, x / step) for f, x in ended]
+    return Markup(_columns("events ended per second", rates, ("0 s", _seconds(t1 - t0)), "/s"))
 
 
-def durations(ended: list[Ended]) -> Markup:
-    """How long events ran, finished and failed apart (up to the 99th percentile)."""
-    if not ended:
+def states(samples: list[Sample]) -> Markup:
+    """The events by state over the run, stacked (an area per state)."""
+    if len(samples) < 2:
         return Markup("")
-    took = sorted(e.took for e in ended)
-    top = max(took[min(int(len(took) * 0.99), len(took) - 1)], 1e-3)
-    step = top / BINS
-    counts = [[0, 0] for _ in range(BINS)]
-    for e in ended:
-        counts[min(int(e.took / step), BINS - 1)][0 if e.finished else 1] += 1
-    return Markup(_columns("event durations", [(f, x) for f, x in counts], ("0 s", f"{top:.3g} s and more"), ""))
+    t0, t1 = samples[0].at, samples[-1].at
+    span = max(t1 - t0, 1e-3)
+    top = max(sum(s.counts.values()) for s in samples) or 1
+    base = CHART_H - 20
+    xscale, yscale = (CHART_W - MARGIN - 6) / span, (base - 22) / top
+    out = [*_svg_open("events by state"), _y_axis(top, base, _count(top))]
+    below = [0.0] * len(samples)
+    for state, colour in STATE_COLOURS.items():
+        above = [b + s.counts.get(state, 0) for b, s in zip(below, samples, strict=True)]
+        if above != below:
+            xs = [MARGIN + (s.at - t0) * xscale for s in samples]
+            upper = " ".join(f"{x:.1f},{base - y * yscale:.1f}" for x, y in zip(xs, above, strict=True))
+            lower = " ".join(
+                f"{x:.1f},{base - y * yscale:.1f}" for x, y in zip(reversed(xs), reversed(below), strict=True)
+            )
+            last = samples[-1].counts.get(state, 0)
+            out.append(
+                f'<polygon class="{state}" points="{upper} {lower}" fill="{colour}">'
+                f"<title>{state}: {last:,} now</title></polygon>"
+            )
+        below = above
+    out.append(_x_axis("0 s", _seconds(t1 - t0)))
+    out.append("</svg>")
+    legend = " ".join(f'<span class="key" style="background:{c}"></span>{k}' for k, c in STATE_COLOURS.items())
+    # the chart and its key side by side with the other charts
+    return Markup(
+        '<span style="display:inline-block;vertical-align:top">'
+        + "".join(out)
+        + f'<p class="legend">{legend}</p></span>'
+    )
 
 
-def ended_attempts(rows: list[dict[str, object]]) -> list[Ended]:
-    out = []
+def bucket_floor(bucket: int) -> float:
+    """The shortest duration, in seconds, that a duration bucket holds (see 0011)."""
+    return 0.0 if bucket == 0 else 2 ** (bucket / 4) / 1000
+
+
+def durations(rows: list[dict[str, object]]) -> Markup:
+    """How long attempts ran (status, bucket, n: quarter-octave buckets), finished and
+    failed apart, on a log scale from the shortest to the longest."""
+    counts: dict[int, list[float]] = {}
     for r in rows:
-        start, end = r["started_at"], r["ended_at"]
-        if isinstance(start, datetime) and isinstance(end, datetime) and r["status"] in ("finished", "failed"):
-            out.append(Ended(end.timestamp(), (end - start).total_seconds(), r["status"] == "finished"))
-    return out
+        bucket, n, status = r["bucket"], r["n"], r["status"]
+        if isinstance(bucket, int) and isinstance(n, int) and status in ("finished", "failed"):
+            counts.setdefault(bucket, [0, 0])[0 if status == "finished" else 1] += n
+    if not counts:
+        return Markup("")
+    lo, hi = min(counts), max(counts)
+    columns = [(counts.get(b, [0, 0])[0], counts.get(b, [0, 0])[1]) for b in range(lo, hi + 1)]
+    labels = (_duration(bucket_floor(lo)), f"{_duration(bucket_floor(hi + 1))} (log scale)")
+    return Markup(_columns("event durations", columns, labels, ""))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.3g} ms"
+    return f"{seconds:.3g} s"

@@ -21,6 +21,7 @@ from schemas.api import (
     FailedEvent,
     JobDetail,
     JobView,
+    TaskDetail,
     TaskView,
     WorkerView,
     WorkflowDetail,
@@ -109,10 +110,19 @@ class Views:
             )
         return pictures.job_timeline(bars, left_out=total - len(rows))
 
-    async def workflow_pictures(self, workflow_id: int) -> tuple[Markup, Markup]:
-        """The workflow's progress (events ended per second) and its events' durations."""
-        ended = pictures.ended_attempts(await self.store.workflow_attempts(workflow_id, pictures.MAX_ENDED))
-        return pictures.progress(ended), pictures.durations(ended)
+    async def task(self, task_id: int) -> TaskDetail:
+        row = await self.store.monitor_task(task_id)
+        if row is None:
+            raise HTTPException(404, f"no task {task_id}")
+        return TaskDetail(**row, done=terminal(row["events"]))
+
+    async def pictures(self, task_ids: list[int]) -> list[Markup]:
+        """The tasks' progress (events ended per second), events by state over time, and
+        attempts' durations: a workflow's pictures are those of all its tasks."""
+        samples = pictures.totals(await self.store.count_samples(task_ids, pictures.MAX_SAMPLES))
+        durations = await self.store.duration_counts(task_ids)
+        drawn = [pictures.progress(samples), pictures.states(samples), pictures.durations(durations)]
+        return [p for p in drawn if p]
 
     async def job_events(self, job_id: int, after: int, status: str | None, limit: int) -> EventsPage:
         return _page(await self.store.job_events_page(job_id, after, status, limit + 1), limit)

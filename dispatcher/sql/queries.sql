@@ -430,9 +430,60 @@ SELECT t.id, t.label, t.status, t.event_service, t.max_payloads_per_job, t.n_eve
 FROM tasks t WHERE t.workflow_id = $1 ORDER BY t.id;
 
 -- name: event_counts
-SELECT task_id, status, count(*) AS n FROM events
+-- From the counters the statements on events keep (migration 0011), not from the events.
+SELECT task_id, status, sum(n)::bigint AS n FROM event_counts
 WHERE task_id IN (SELECT id FROM tasks WHERE workflow_id = $1)
-GROUP BY task_id, status;
+GROUP BY task_id, status HAVING sum(n) <> 0;
+
+-- name: compact_event_counts
+-- Fold each (task, state)'s delta rows into one, and drop those that add up to nothing;
+-- returns the tasks whose counts changed since the last fold. Safe beside the triggers
+-- and another fold: a row is deleted once, and rows added meanwhile wait for the next.
+WITH many AS (
+    SELECT task_id, status FROM event_counts GROUP BY task_id, status HAVING count(*) > 1 OR sum(n) = 0
+), gone AS (
+    DELETE FROM event_counts c USING many m WHERE c.task_id = m.task_id AND c.status = m.status
+    RETURNING c.task_id, c.status, c.n
+), folded AS (
+    INSERT INTO event_counts (task_id, status, n)
+    SELECT task_id, status, sum(n) FROM gone GROUP BY task_id, status HAVING sum(n) <> 0
+)
+SELECT DISTINCT task_id FROM gone;
+
+-- name: compact_attempt_durations
+WITH many AS (
+    SELECT task_id, status, bucket FROM attempt_durations
+    GROUP BY task_id, status, bucket HAVING count(*) > 1 OR sum(n) = 0
+), gone AS (
+    DELETE FROM attempt_durations d USING many m
+    WHERE d.task_id = m.task_id AND d.status = m.status AND d.bucket = m.bucket
+    RETURNING d.task_id, d.status, d.bucket, d.n
+)
+INSERT INTO attempt_durations (task_id, status, bucket, n)
+SELECT task_id, status, bucket, sum(n) FROM gone GROUP BY task_id, status, bucket HAVING sum(n) <> 0;
+
+-- name: sample_event_counts
+-- The counts of the tasks $1 now, for the pictures of progress over time.
+INSERT INTO event_count_samples (task_id, at, counts)
+SELECT task_id, now(), jsonb_object_agg(status, n) FROM (
+    SELECT task_id, status, sum(n) AS n FROM event_counts WHERE task_id = ANY($1::bigint[])
+    GROUP BY task_id, status HAVING sum(n) <> 0
+) c GROUP BY task_id
+ON CONFLICT DO NOTHING;
+
+-- name: event_count_samples
+-- The samples of the tasks $1, at most about $2 of each (evenly spaced, the last kept).
+SELECT task_id, at, counts FROM (
+    SELECT task_id, at, counts, row_number() OVER w AS i, count(*) OVER (PARTITION BY task_id) AS total
+    FROM event_count_samples WHERE task_id = ANY($1::bigint[])
+    WINDOW w AS (PARTITION BY task_id ORDER BY at)
+) s
+WHERE i % greatest(total / $2, 1) = 0 OR i = total OR i = 1
+ORDER BY at;
+
+-- name: attempt_durations
+SELECT status, bucket, sum(n)::bigint AS n FROM attempt_durations WHERE task_id = ANY($1::bigint[])
+GROUP BY status, bucket HAVING sum(n) <> 0 ORDER BY bucket;
 
 -- name: job_counts
 SELECT task_id, status, count(*) AS n FROM jobs WHERE workflow_id = $1 GROUP BY task_id, status;
@@ -563,8 +614,9 @@ WHERE status IN ('live', 'stopping') ORDER BY id;
 -- name: monitor_workflows
 SELECT w.id, w.name, w.status, w.n_events, w.submitted_at, w.finished_at,
        coalesce((SELECT jsonb_object_agg(c.status, c.n) FROM (
-           SELECT e.status, count(*) AS n FROM events e
-           WHERE e.task_id IN (SELECT id FROM tasks WHERE workflow_id = w.id) GROUP BY e.status) c), '{}') AS events
+           SELECT e.status, sum(e.n) AS n FROM event_counts e
+           WHERE e.task_id IN (SELECT id FROM tasks WHERE workflow_id = w.id)
+           GROUP BY e.status HAVING sum(e.n) <> 0) c), '{}') AS events
 FROM workflows w ORDER BY w.id DESC LIMIT $1;
 
 -- name: monitor_task_deps
@@ -612,7 +664,7 @@ WHERE status IN ('live', 'stopping') OR last_seen > now() - interval '1 hour'
 ORDER BY status, id;
 
 -- name: metrics_events
-SELECT status, count(*) AS n FROM events GROUP BY status;
+SELECT status, sum(n)::bigint AS n FROM event_counts GROUP BY status HAVING sum(n) <> 0;
 
 -- name: metrics_attempts
 SELECT count(*) FILTER (WHERE attempt > 1) AS retries, count(*) AS attempts FROM attempts;
@@ -749,10 +801,10 @@ LIMIT $2;
 -- name: count_job_attempts
 SELECT count(*) FROM attempts WHERE job_id = $1 AND started_at IS NOT NULL;
 
--- name: workflow_attempts
--- A workflow's newest $2 attempts that ended, for its progress and durations pictures.
-SELECT a.status, a.started_at, a.ended_at
-FROM attempts a JOIN jobs j ON j.id = a.job_id
-WHERE j.workflow_id = $1 AND a.ended_at IS NOT NULL AND a.started_at IS NOT NULL
-ORDER BY a.ended_at DESC
-LIMIT $2;
+-- name: monitor_task
+SELECT t.id, t.workflow_id, w.name AS workflow, t.label, t.status, t.event_service, t.max_payloads_per_job,
+       t.n_events, t.n_jobs, t.released_at, t.started_at, t.finished_at
+FROM tasks t JOIN workflows w ON w.id = t.workflow_id WHERE t.id = $1;
+
+-- name: task_event_counts
+SELECT status, sum(n)::bigint AS n FROM event_counts WHERE task_id = $1 GROUP BY status HAVING sum(n) <> 0;
