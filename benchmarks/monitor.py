@@ -1,6 +1,6 @@
 """Benchmark: the monitor's job page and API on a database with 1,000,000 events.
 
-    python -m benchmarks.monitor [--events 1000000] [--per-job 100000] [--runs 7] [--keep]
+    python -m benchmarks.monitor [--events 1000000] [--per-job 100000] [--runs 7] [--keep] [--out DIR]
 
 Creates its own database (dropped afterwards unless --keep), submits one task of N events
 in jobs of --per-job events (so a job holds 100,000 events), sets a realistic mix of
@@ -71,6 +71,7 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--admin-dsn", default=Settings.from_env().database_url or DEFAULT_DATABASE_URL)
     parser.add_argument("--keep", action="store_true", help="keep the database")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where monitor.json and monitor.md go")
     args = parser.parse_args()
 
     name = f"es_bench_{uuid.uuid4().hex[:8]}"
@@ -136,7 +137,7 @@ async def main() -> None:
         }
         app = create_app(store, None, MonitorConfig())
         rows = []
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://m") as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
             for label, url in requests.items():
                 times = []
                 for _ in range(args.runs):
@@ -174,8 +175,9 @@ async def main() -> None:
             "submit_seconds": round(submit_s, 1),
             "results": rows,
         }
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "monitor.json").write_text(json.dumps(report, indent=2))
+        out: Path = args.out
+        out.mkdir(exist_ok=True)
+        (out / "monitor.json").write_text(json.dumps(report, indent=2))
         lines = [
             f"Monitor on {args.events:,} events ({args.per_job:,} per job), {report['date']}, "
             f"{report['machine']}; median of {args.runs} runs, in-process ASGI.",
@@ -184,8 +186,8 @@ async def main() -> None:
             "|---|---:|---:|",
         ]
         lines += [f"| {r['request']} | {r['median_ms']} | {r['max_ms']} |" for r in rows]
-        (RESULTS / "monitor.md").write_text("\n".join(lines) + "\n")
-        print(f"submitted {args.events:,} events in {submit_s:.1f} s; report in {RESULTS}/monitor.md")
+        (out / "monitor.md").write_text("\n".join(lines) + "\n")
+        print(f"submitted {args.events:,} events in {submit_s:.1f} s; report in {out}/monitor.md")
     finally:
         if not args.keep:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -53,3 +53,23 @@ def test_quick_benchmark_runs_every_scenario_and_writes_its_report(settings: Set
     page = (tmp_path / "report-quick.md").read_text()
     assert all(name in page for name in report["targets"])
     assert (tmp_path / "report-quick.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_monitor_benchmark_times_every_page_and_the_counts_before_counters(
+    settings: Settings, tmp_path: Path
+) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.monitor", "--events", "3000", "--per-job", "1000", "--runs", "1"]
+        + ["--out", str(tmp_path), "--admin-dsn", settings.database_url],
+        cwd=ROOT,
+        env=cli_env(settings) | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "monitor.json").read_text())
+    timed = {r["request"]: r["median_ms"] for r in report["results"]}
+    for page in ("workflows list (HTML)", "workflow page (HTML, counts, pictures, jobs)", "API workflows list"):
+        assert timed[page] > 0
+    assert any(name.startswith("before counters") for name in timed)
