@@ -58,9 +58,9 @@ def test_quick_benchmark_runs_every_scenario_and_writes_its_report(settings: Set
 def test_the_monitor_benchmark_times_every_page_and_the_counts_before_counters(
     settings: Settings, tmp_path: Path
 ) -> None:
+    small = ["--events", "3000", "--per-job", "1000", "--runs", "1", "--out", str(tmp_path)]
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.monitor", "--events", "3000", "--per-job", "1000", "--runs", "1"]
-        + ["--out", str(tmp_path), "--admin-dsn", settings.database_url],
+        [sys.executable, "-m", "benchmarks.monitor", *small, "--admin-dsn", settings.database_url],
         cwd=ROOT,
         env=cli_env(settings) | {"PYTHONPATH": str(ROOT)},
         capture_output=True,
