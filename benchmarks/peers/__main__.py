@@ -1,0 +1,5 @@
+import asyncio
+
+from benchmarks.peers.bench import main
+
+asyncio.run(main())
