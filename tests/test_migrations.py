@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import asyncpg
 import pytest
 
 from dispatcher import migrate
 from dispatcher.queries import parse, queries
+from dispatcher.store import Store
+from dispatcher.submit import submit
 from tests.conftest import Services, _drop, create_database
+from tests.test_failures import assert_counts_kept, write_workflow
+
+COUNTERS = 11  # the migration that added the event counters
 
 # Everything that makes up the schema, in a comparable form.
 CATALOG = {
@@ -67,3 +74,32 @@ def test_every_named_query_is_unique_and_nonempty() -> None:
     assert all(sql for sql in queries().values())
     with pytest.raises(ValueError, match="defined twice"):
         parse("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;\n")
+
+
+async def test_the_counters_migration_counts_the_events_and_attempts_already_there(
+    services: Services, tmp_path: Path
+) -> None:
+    name = await create_database(services)
+    try:
+        conn = await asyncpg.connect(services.dsn(name))
+        await conn.execute(migrate.VERSION_TABLE)
+        for mig in migrate.migrations():  # a database from before the counters, in use
+            if mig.version < COUNTERS:
+                await conn.execute(mig.path.read_text())
+                await conn.execute("INSERT INTO schema_version (version, name) VALUES ($1, $2)", mig.version, mig.name)
+        store = await Store.connect(services.dsn(name))
+        await submit(store, write_workflow(tmp_path, {"a": [f"ok:{i}" for i in range(20)]}, per_job=5))
+        await store.pool.execute(
+            "INSERT INTO attempts (job_id, number, attempt, status, worker, started_at, ended_at)"
+            " SELECT job_id, number, 1, 'finished', 'w', now() - interval '2 s', now() FROM events WHERE number < 8"
+        )
+        await store.pool.execute("UPDATE events SET status = 'finished', attempt = 1 WHERE number < 8")
+        assert await conn.fetchval("SELECT to_regclass('event_counts')") is None
+        assert [m.version for m in await migrate.upgrade(conn)] == [COUNTERS]
+        await assert_counts_kept(store)
+        durations = await store.duration_counts([await store.pool.fetchval("SELECT id FROM tasks")])
+        assert [(d["status"], d["n"]) for d in durations] == [("finished", 8)]
+        await store.close()
+        await conn.close()
+    finally:
+        await _drop(services, name)
