@@ -26,7 +26,9 @@ LABELS = 190  # the worker names' column
 LANE = 14
 GAP = 3
 AXIS = 22
-MAX_BARS = 5000  # the newest attempts of a job drawn; the page says how many were left out
+# the newest attempts of a job drawn; the page says how many were left out (each bar is
+# ~160 bytes of a page that refreshes every 2 s)
+MAX_BARS = 2000
 
 COLOURS = {
     "finished": "#2e8b57",

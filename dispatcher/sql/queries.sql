@@ -791,9 +791,14 @@ SELECT spec FROM workflows WHERE id = $1;
 -- name: job_attempts
 -- A job's newest $2 attempts that started, for its timeline; retried: failed, and the
 -- event's next attempt was issued (it is on a later attempt, or retrying this one).
+-- (the event is looked up for failed attempts only, after the limit: a join sorted a
+-- 100,000-event job's events with its attempts, three times slower)
 SELECT a.number, a.attempt, a.status, a.worker, a.started_at, a.ended_at,
-       a.status = 'failed' AND (e.attempt > a.attempt OR e.status = 'retrying') AS retried
-FROM attempts a JOIN events e ON e.job_id = a.job_id AND e.number = a.number
+       a.status = 'failed' AND (
+           SELECT e.attempt > a.attempt OR e.status = 'retrying' FROM events e
+           WHERE e.job_id = a.job_id AND e.number = a.number
+       ) AS retried
+FROM attempts a
 WHERE a.job_id = $1 AND a.started_at IS NOT NULL
 ORDER BY a.started_at DESC
 LIMIT $2;
