@@ -99,25 +99,28 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     if not rows:
         return False
     labels = [r["label"] for r in rows][::-1]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 0.45 * len(rows) + 2), sharey=True)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 0.45 * len(rows) + 2.5), sharey=True)
     y = list(range(len(rows)))
     medians = [r["tasks_per_s"] for r in rows][::-1]
-    colors = ["tab:green" if r.get("ratio_ours") is None and "ours" in r["label"] else "tab:blue" for r in rows][::-1]
+    colors = [
+        "tab:green" if r["label"].startswith("ours") else "tab:gray" if r["label"].startswith("raw") else "tab:blue"
+        for r in rows
+    ][::-1]
     ax1.barh(y, medians, color=colors)
     for i, r in enumerate(rows[::-1]):
         ax1.plot(r["tasks_per_s_rounds"], [i] * len(r["tasks_per_s_rounds"]), "k.", ms=4)
         text = f"{r['tasks_per_s']:,}" + (f"  (ours {r['ratio_ours']:.2f}x)" if r.get("ratio_ours") else "")
-        ax1.text(r["tasks_per_s"], i, " " + text, va="center", fontsize=8)
+        ax1.text(max(r["tasks_per_s_rounds"]), i, "  " + text, va="center", fontsize=8)
     ax1.set_yticks(y, labels, fontsize=8)
     ax1.set_xlabel("tasks/s (median; dots: rounds)")
-    ax1.set_xlim(0, max(max(r["tasks_per_s_rounds"]) for r in rows) * 1.35)
+    ax1.set_xlim(0, max(max(r["tasks_per_s_rounds"]) for r in rows) * 1.45)
     left = [0.0] * len(rows)
     for g in GROUPS:
         values = [r["cpu_us_per_task"][g] for r in rows][::-1]
         ax2.barh(y, values, left=left, label=GROUP_NAMES[g])
         left = [a + b for a, b in zip(left, values, strict=True)]
     ax2.set_xlabel("CPU µs per task, by process group (median)")
-    ax2.legend(fontsize=8, loc="lower right")
+    ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(GROUPS), frameon=False)
     fig.suptitle(
         f"{report['tasks']:,} no-op tasks, 2 worker processes, same RabbitMQ; {report['rounds']} interleaved round(s)",
         fontsize=10,
