@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Installs the system tools some tests drive, if missing: Debian's chromium
-# (/usr/bin/chromium, the monitor's browser tests) and curl (the PanDA pilot calls the
-# dispatcher through it). Playwright itself comes from pyproject.toml; never run
+# (/usr/bin/chromium, the monitor's browser tests), curl (the PanDA pilot calls the
+# dispatcher through it) and redis-server (arq's broker in the peers benchmark, which
+# starts a server of its own on a free port). Playwright itself comes from pyproject.toml; never run
 # `playwright install` here: it downloads a browser build, which this network cannot reach.
 # Safe to run again: a no-op when both are there. When it cannot install (not root, or
 # no apt-get) it says so in one line and exits 0; the browser tests then skip with a
-# reason, and the pilot tests fail saying curl is missing.
+# reason, the pilot tests fail saying curl is missing, and the peers test skips arq.
 set -euo pipefail
 
 CHROMIUM=/usr/bin/chromium
 missing=()
 [ -x "$CHROMIUM" ] || missing+=(chromium)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
