@@ -73,3 +73,18 @@ def test_the_monitor_benchmark_times_every_page_and_the_counts_before_counters(
     for page in ("workflows list (HTML)", "workflow page (HTML, counts, pictures, jobs)", "API workflows list"):
         assert timed[page] > 0
     assert any(name.startswith("before counters") for name in timed)
+
+
+def test_the_counters_benchmark_runs_every_setup(settings: Settings) -> None:
+    small = ["--events", "500", "--rounds", "1", "--admin-dsn", settings.database_url]
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.counters", *small],
+        cwd=ROOT,
+        env=cli_env(settings) | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for setup in ("no counters", "event counts only", "durations only", "both (the product)"):
+        assert setup in run.stdout and "µs per report" in run.stdout
