@@ -40,11 +40,12 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DELAY_HEADER", "REFUSED_BY_HEADER", "AmqpJobQueue", "Broker", "with_heartbeat"]
 
-# Per-job queues are classic durable queues, consumed with a prefetch. A range delivered
-# again (its holder was lost, or RabbitMQ restarted) arrives flagged ``redelivered``; the
-# worker that gets it does not run it but returns its events to the control plane, which
-# charges an attempt only for events Postgres saw running and issues them again (see
-# ``return_events`` in the SQL). A range that keeps killing workers runs out of attempts.
+# Per-job queues are durable queues (quorum unless classic ones were asked for), consumed
+# with a prefetch. A range delivered again (its holder was lost, or RabbitMQ restarted)
+# arrives flagged ``redelivered``; the worker that gets it does not run it but returns its
+# events to the control plane, which charges an attempt only for events Postgres saw
+# running and issues them again (see ``return_events`` in the SQL). A range that keeps
+# killing workers runs out of attempts.
 
 # AMQP heartbeats (seconds) unless the URL sets its own: a hung peer (a SIGSTOPped
 # worker) is dropped by RabbitMQ after about two of them, and its unacked ranges go back
@@ -212,6 +213,15 @@ class AmqpJobQueue(JobQueue):
             with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
                 channel = await self._channel.get_underlay_channel()
                 await channel.basic_cancel(tag)
+                # a quorum queue may still deliver to us after the cancel's answer
+                # (ranges it had checked out to us, on their way): aiormq drops a
+                # delivery of a consumer it no longer knows, and the range sat unacked
+                # until the channel closed, then came back flagged redelivered, was
+                # returned instead of run and issued again (hundreds per run with
+                # --prefetch 256). Kept instead: in the buffer, served while the job is
+                # held, given back with the channel otherwise.
+                if isinstance(channel, aiormq.Channel):
+                    channel.consumers.setdefault(tag, self._deliver)
 
     async def close(self, *, give_back: bool = True) -> None:
         """Stop consuming; ranges delivered but never started go back to the queue when

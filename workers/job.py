@@ -89,6 +89,11 @@ class Job:
     def drained(self) -> bool:
         return self._drained
 
+    @property
+    def leaving(self) -> bool:
+        """Its tear-down has started (its queue is being closed)."""
+        return self._leaving
+
     def hold(self) -> Hold:
         self._holds += 1
         return Hold(self)

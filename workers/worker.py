@@ -240,7 +240,11 @@ class Worker:
         """The next range to run, with a hold on its job; None once the worker is stopping."""
         while not self._stopping:
             for job in list(self.jobs.values()):
-                if job.drained:
+                # a drained job still held is served what reached it after its queue
+                # looked empty (a quorum queue delivers ranges it had checked out to us
+                # after the consumer's cancel): given back, each would be returned and
+                # issued again instead of run
+                if job.drained and (job.queue.idle or job.leaving or job.cancelled):
                     continue
                 hold = job.hold()  # before the get: see workers.job
                 if job.queue.idle:  # no range at hand: the next comes once one is acked
