@@ -48,7 +48,6 @@ async def main(events: int, per_range: int, slots: int, prefetch: int | None, pr
         task_id=1,
         job_id=1,
         label="bench",
-        queue=queue,
         payload=PayloadSpec(function="benchmarks.payloads:noop"),
     )
     await broker.publish(names.jobs, encode(spec))
