@@ -30,7 +30,7 @@ def test_quick_peers_benchmark_counts_every_task_of_every_peer(settings: Setting
     env = cli_env(settings) | {"PYTHONPATH": str(ROOT)}
     env.pop("DISPATCHER_QUEUE_PREFIX", None)  # ours takes a namespace of its own, as in benchmarks.run
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.peers", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.peers", "--quick", "--tasks", "500", "--out", str(tmp_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,
