@@ -89,7 +89,9 @@ def bps_env(procs: Processes) -> dict[str, str]:
 
 
 def bps(procs: Processes, cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = bps_env(procs) | {"BPS_WMS_SERVICE_CLASS": "dispatcher.bps.DispatcherService"}
+    # PWD too: BPS's default submitPath is ${PWD}/submit/..., read from the environment,
+    # and the inherited one (the checkout) filled it with every run's submit directory
+    env = bps_env(procs) | {"BPS_WMS_SERVICE_CLASS": "dispatcher.bps.DispatcherService", "PWD": str(cwd)}
     out = subprocess.run([str(BIN / "bps"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
