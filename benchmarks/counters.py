@@ -16,14 +16,11 @@ import asyncio
 import statistics
 import tempfile
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import asyncpg
-
 from benchmarks.monitor import write_inputs
-from dispatcher import migrate
+from benchmarks.scratch import scratch_database
 from dispatcher.config import DEFAULT_DATABASE_URL, Settings
 from dispatcher.store import Store
 from dispatcher.submit import submit
@@ -43,14 +40,7 @@ SETUPS = {  # the triggers left enabled
 
 async def run_once(admin_dsn: str, enabled: tuple[str, ...], events: int, batch: int) -> float:
     """Microseconds of wall time per status report applied."""
-    name = f"es_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(admin_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    dsn = admin_dsn.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        conn = await asyncpg.connect(dsn)
-        await migrate.upgrade(conn)
-        await conn.close()
+    async with scratch_database(admin_dsn) as dsn:
         store = await Store.connect(dsn)
         with tempfile.TemporaryDirectory() as tmp:
             await submit(store, write_inputs(Path(tmp), events, events))
@@ -71,7 +61,7 @@ async def run_once(admin_dsn: str, enabled: tuple[str, ...], events: int, batch:
                         job_id=job,
                         number=n,
                         attempt=1,
-                        status=status,  # type: ignore[arg-type]
+                        status=status,
                         worker="w1",
                         started_at=t0,
                         ended_at=None if status == "running" else t0 + timedelta(milliseconds=5),
@@ -83,9 +73,6 @@ async def run_once(admin_dsn: str, enabled: tuple[str, ...], events: int, batch:
                 elapsed += time.perf_counter() - start
         await store.close()
         return elapsed / (2 * len(numbers)) * 1e6
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def main() -> None:

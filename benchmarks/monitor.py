@@ -17,14 +17,12 @@ import platform
 import statistics
 import tempfile
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-import asyncpg
 import httpx
 
-from dispatcher import migrate
+from benchmarks.scratch import scratch_database
 from dispatcher.config import DEFAULT_DATABASE_URL, Settings
 from dispatcher.monitor import MonitorConfig, create_app
 from dispatcher.store import Store
@@ -74,14 +72,7 @@ async def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where monitor.json and monitor.md go")
     args = parser.parse_args()
 
-    name = f"es_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(args.admin_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    dsn = args.admin_dsn.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        conn = await asyncpg.connect(dsn)
-        await migrate.upgrade(conn)
-        await conn.close()
+    async with scratch_database(args.admin_dsn, keep=args.keep) as dsn:
         store = await Store.connect(dsn)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
@@ -188,10 +179,6 @@ async def main() -> None:
         lines += [f"| {r['request']} | {r['median_ms']} | {r['max_ms']} |" for r in rows]
         (out / "monitor.md").write_text("\n".join(lines) + "\n")
         print(f"submitted {args.events:,} events in {submit_s:.1f} s; report in {out}/monitor.md")
-    finally:
-        if not args.keep:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 if __name__ == "__main__":
