@@ -341,6 +341,28 @@ async def throughput(settings: Settings, sizes: Sizes, runs: int, ranges: list[i
 # -- scenario 2 ------------------------------------------------------------------------
 
 
+def celery_worker(app: str, queue: str, i: int) -> list[str]:
+    """The command of Celery worker ``i`` of two on ``queue`` (solo pool: one process, no
+    gossip, mingle or heartbeat chatter), shared with the peers benchmark."""
+    return [
+        str(BIN / "celery"),
+        "-A",
+        app,
+        "worker",
+        "--pool",
+        "solo",
+        "-Q",
+        queue,
+        "-l",
+        "warning",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "-n",
+        f"w{i}-{queue}@%h",
+    ]
+
+
 async def celery(settings: Settings, sizes: Sizes, runs: int, ours_per_s: float | None) -> dict[str, Any]:
     try:
         import celery as _  # noqa: F401
@@ -353,23 +375,7 @@ async def celery(settings: Settings, sizes: Sizes, runs: int, ours_per_s: float 
         tmp = Path(tempfile.mkdtemp(prefix="es-bench-celery-"))
         workers = [
             subprocess.Popen(
-                [
-                    str(BIN / "celery"),
-                    "-A",
-                    "benchmarks.celery_app",
-                    "worker",
-                    "--pool",
-                    "solo",
-                    "-Q",
-                    queue,
-                    "-l",
-                    "warning",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--without-heartbeat",
-                    "-n",
-                    f"w{i}-{queue}@%h",
-                ],
+                celery_worker("benchmarks.celery_app", queue, i),
                 env=env,
                 stdout=(tmp / f"w{i}.log").open("wb"),
                 stderr=subprocess.STDOUT,

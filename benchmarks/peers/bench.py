@@ -165,26 +165,7 @@ def worker_commands(setup: Setup, queue: str) -> list[list[str]]:
             ]
         ]
     if setup.kind == "celery_app":
-        return [
-            [
-                str(BIN / "celery"),
-                "-A",
-                "benchmarks.peers.celery_app",
-                "worker",
-                "--pool",
-                "solo",
-                "-Q",
-                queue,
-                "-l",
-                "warning",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "-n",
-                f"w{i}-{queue}@%h",
-            ]
-            for i in range(2)
-        ]
+        return [main_bench.celery_worker("benchmarks.peers.celery_app", queue, i) for i in range(2)]
     if setup.kind == "arq_app":
         return [[str(BIN / "arq"), "benchmarks.peers.arq_app.WorkerSettings"] for _ in range(2)]
     raise ValueError(setup.kind)
