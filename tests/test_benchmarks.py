@@ -18,18 +18,27 @@ from tests.test_e2e import cli_env
 pytestmark = pytest.mark.slow
 
 
-def test_quick_benchmark_runs_every_scenario_and_writes_its_report(settings: Settings, tmp_path: Path) -> None:
+def run_benchmark(
+    settings: Settings, module: str, *args: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """``python -m benchmarks.<module> args`` against the test's services, which must exit 0
+    (without the test's queue prefix: a benchmark takes a namespace of its own)."""
     env = cli_env(settings) | {"PYTHONPATH": str(ROOT)}
-    env.pop("DISPATCHER_QUEUE_PREFIX", None)  # the benchmark takes a namespace of its own per scenario
+    env.pop("DISPATCHER_QUEUE_PREFIX", None)
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", f"benchmarks.{module}", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def test_quick_benchmark_runs_every_scenario_and_writes_its_report(settings: Settings, tmp_path: Path) -> None:
+    run_benchmark(settings, "run", "--quick", "--out", str(tmp_path), timeout=600)
     report = json.loads((tmp_path / "report-quick.json").read_text())
     assert report["mode"] == "quick"
     tp = report["throughput"]
@@ -59,15 +68,7 @@ def test_the_monitor_benchmark_times_every_page_and_the_counts_before_counters(
     settings: Settings, tmp_path: Path
 ) -> None:
     small = ["--events", "3000", "--per-job", "1000", "--runs", "1", "--out", str(tmp_path)]
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.monitor", *small, "--admin-dsn", settings.database_url],
-        cwd=ROOT,
-        env=cli_env(settings) | {"PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_benchmark(settings, "monitor", *small, "--admin-dsn", settings.database_url)
     report = json.loads((tmp_path / "monitor.json").read_text())
     timed = {r["request"]: r["median_ms"] for r in report["results"]}
     for page in ("workflows list (HTML)", "workflow page (HTML, counts, pictures, jobs)", "API workflows list"):
@@ -76,15 +77,6 @@ def test_the_monitor_benchmark_times_every_page_and_the_counts_before_counters(
 
 
 def test_the_counters_benchmark_runs_every_setup(settings: Settings) -> None:
-    small = ["--events", "500", "--rounds", "1", "--admin-dsn", settings.database_url]
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.counters", *small],
-        cwd=ROOT,
-        env=cli_env(settings) | {"PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = run_benchmark(settings, "counters", "--events", "500", "--rounds", "1", "--admin-dsn", settings.database_url)
     for setup in ("no counters", "event counts only", "durations only", "both (the product)"):
         assert setup in run.stdout and "µs per report" in run.stdout

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from benchmarks.peers.bench import REDIS_HINT, SETUPS, redis_binary
 from dispatcher.config import Settings
-from tests.conftest import ROOT
-from tests.test_e2e import cli_env
+from tests.test_benchmarks import run_benchmark
 
 pytestmark = pytest.mark.slow
 
@@ -27,17 +24,7 @@ def test_quick_peers_benchmark_counts_every_task_of_every_peer(settings: Setting
     missing = [p for p in PACKAGES if importlib.util.find_spec(p) is None]
     if missing:
         pytest.skip(f"the peers are not installed ({', '.join(missing)}): pip install -e '.[peers]'")
-    env = cli_env(settings) | {"PYTHONPATH": str(ROOT)}
-    env.pop("DISPATCHER_QUEUE_PREFIX", None)  # ours takes a namespace of its own, as in benchmarks.run
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.peers", "--quick", "--tasks", "500", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_benchmark(settings, "peers", "--quick", "--tasks", "500", "--out", str(tmp_path))
     report = json.loads((tmp_path / "peers-quick.json").read_text())
     assert report["mode"] == "quick" and report["rounds"] == 1
     rows = report["rows"]
