@@ -482,7 +482,7 @@ class Store(Reads, Leases):
     async def running_workflows(self) -> list[int]:
         return [r["id"] for r in await self.pool.fetch(q("running_workflows"))]
 
-    # -- reading ----------------------------------------------------------------------
+    # -- counters (the watchdog folds them) -------------------------------------------
 
     async def compact_event_counts(self) -> list[int]:
         """Fold the counters' delta rows (each statement on events and attempts adds
@@ -493,6 +493,8 @@ class Store(Reads, Leases):
             if changed:
                 await conn.execute(q("sample_event_counts"), changed)
         return changed
+
+    # -- reading ----------------------------------------------------------------------
 
     async def workflow_status(self, workflow_id: int) -> dict[str, Any] | None:
         async with self.pool.acquire() as conn:
