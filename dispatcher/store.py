@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 RETURNS = ("returned", "stopped")
 FAILURES = ("failed", "fatal")
 _RANK = {**EVENT_RANK, "fatal": EVENT_RANK["failed"]}  # of what a worker reports, as far as it goes
+# a task's counts are sampled at most once per this fraction of its run so far (the
+# monitor draws at most pictures.MAX_SAMPLES of a task's samples)
+SAMPLES_PER_RUN = 500
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -491,7 +494,7 @@ class Store(Reads, Leases):
             changed = [r["task_id"] for r in await conn.fetch(q("compact_event_counts"))]
             await conn.execute(q("compact_attempt_durations"))
             if changed:
-                await conn.execute(q("sample_event_counts"), changed)
+                await conn.execute(q("sample_event_counts"), changed, SAMPLES_PER_RUN)
         return changed
 
     # -- reading ----------------------------------------------------------------------

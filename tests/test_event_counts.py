@@ -104,3 +104,46 @@ async def test_the_monitor_counts_what_the_events_say(store: Store, tmp_path: Pa
     assert detail["events"] == grouped and detail["tasks"][0]["events"] == grouped
     assert task_detail["events"] == grouped and task_detail["done"] == 10
     assert missing.status_code == 404
+
+
+async def test_a_task_is_sampled_less_often_as_its_run_grows_and_always_at_its_end(
+    store: Store, tmp_path: Path
+) -> None:
+    wf = await submit(store, write_workflow(tmp_path, {"a": [f"ok:{i}" for i in range(3)]}, per_job=3))
+    task = await store.pool.fetchval("SELECT id FROM tasks WHERE workflow_id = $1", wf)
+    job = await store.pool.fetchval("SELECT id FROM jobs WHERE workflow_id = $1", wf)
+
+    async def report(number: int, status: str) -> int:
+        """Change the task's counts, fold them: how many samples the task has then."""
+        update = StatusUpdate(job_id=job, number=number, attempt=1, status=status, worker="w", started_at=T0)  # type: ignore[arg-type]
+        await store.apply([update.model_copy(update={"ended_at": T0} if status == "finished" else {})])
+        assert await store.compact_event_counts() == [task]
+        return int(await store.pool.fetchval("SELECT count(*) FROM event_count_samples WHERE task_id = $1", task))
+
+    async def pretend(first: float, last: float) -> None:
+        """The task's samples: its first ``first`` seconds ago, its last ``last`` seconds ago."""
+        await store.pool.execute("DELETE FROM event_count_samples WHERE task_id = $1", task)
+        await store.pool.execute(
+            "INSERT INTO event_count_samples (task_id, at, counts) SELECT $1, now() - make_interval(secs => s), '{}'"
+            " FROM unnest($2::float8[]) AS s",
+            task,
+            [first, last],
+        )
+
+    # a run of 10,000 s so far: one sample per 20 s of it (SAMPLES_PER_RUN 500)
+    await pretend(10_000, 10)
+    assert await report(0, "running") == 2  # 10 s after the last: not yet
+    await pretend(10_000, 30)
+    assert await report(1, "running") == 3  # 30 s after it: sampled
+    # young runs are sampled at every fold that changed them
+    await pretend(100, 1)
+    assert await report(2, "running") == 3
+    # the last change of a task with nothing left to run is always kept
+    await pretend(10_000, 1)
+    await report(0, "finished")
+    await report(1, "finished")
+    assert await report(2, "finished") == 3
+    last = await store.pool.fetchval(
+        "SELECT counts FROM event_count_samples WHERE task_id = $1 ORDER BY at DESC LIMIT 1", task
+    )
+    assert last == {"finished": 3}

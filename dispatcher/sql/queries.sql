@@ -463,12 +463,26 @@ INSERT INTO attempt_durations (task_id, status, bucket, n)
 SELECT task_id, status, bucket, sum(n) FROM gone GROUP BY task_id, status, bucket HAVING sum(n) <> 0;
 
 -- name: sample_event_counts
--- The counts of the tasks $1 now, for the pictures of progress over time.
+-- The counts of the tasks $1 now, for the pictures of progress over time. A task is
+-- sampled at most once per $2-th of its run so far (from its first sample), and at every
+-- fold while that is shorter: the pictures draw a few hundred points of a run, and a
+-- task that runs for weeks added a row every fold (17,280 a day); this way its rows grow
+-- with the logarithm of its run. A task with nothing left to run is sampled whenever it
+-- changes: its last counts end its pictures.
 INSERT INTO event_count_samples (task_id, at, counts)
-SELECT task_id, now(), jsonb_object_agg(status, n) FROM (
-    SELECT task_id, status, sum(n) AS n FROM event_counts WHERE task_id = ANY($1::bigint[])
-    GROUP BY task_id, status HAVING sum(n) <> 0
-) c GROUP BY task_id
+SELECT c.task_id, now(), c.counts
+FROM (
+    SELECT task_id, jsonb_object_agg(status, n) AS counts FROM (
+        SELECT task_id, status, sum(n) AS n FROM event_counts WHERE task_id = ANY($1::bigint[])
+        GROUP BY task_id, status HAVING sum(n) <> 0
+    ) s GROUP BY task_id
+) c
+CROSS JOIN LATERAL (
+    SELECT min(at) AS first, max(at) AS last FROM event_count_samples x WHERE x.task_id = c.task_id
+) h
+WHERE h.last IS NULL
+   OR NOT c.counts ?| array['ready', 'queued', 'running', 'retrying']
+   OR now() - h.last >= (now() - h.first) / $2::int
 ON CONFLICT DO NOTHING;
 
 -- name: event_count_samples
