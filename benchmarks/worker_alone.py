@@ -72,11 +72,11 @@ async def main(events: int, per_range: int, slots: int, prefetch: int | None, pr
         f"{events} events, ranges of {per_range}, {slots} slots: {events / seconds:.0f} events/s, "
         f"{cpu / events * 1e6:.1f} µs CPU per event"
     )
+    if prof:  # before the clean-up, which may fail
+        pstats.Stats(prof).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "25")))
     await broker.delete_queue(queue)
     await broker.delete_topology()
     await broker.close()
-    if prof:
-        pstats.Stats(prof).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "25")))
 
 
 if __name__ == "__main__":
