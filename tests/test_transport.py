@@ -97,6 +97,26 @@ async def test_what_a_closed_connection_held_comes_back_flagged_redelivered(pair
     assert all(m.redelivered for m in again if m)
 
 
+async def test_a_job_queue_is_full_while_it_holds_its_prefetch_unacked(pair: Pair) -> None:
+    # the worker hurries its statuses only then: before, the broker is still sending
+    queue = await job_queue(pair.a, 4)
+    jq = await pair.b.open_job(queue, prefetch=3)
+    first = await jq.get()
+    assert first is not None
+    await eventually(lambda: asyncio.sleep(0, jq.full), what="three ranges held")
+    held = [first, await jq.get(), await jq.get()]
+    assert jq.idle and jq.full
+    await jq.ack(held[1])  # acked alone (the first is still held): frees one for the fourth
+    fourth = await jq.get()
+    assert fourth is not None and fourth.body == b"range 3"
+    assert jq.full
+    for message in (held[0], held[2], fourth):
+        assert message is not None
+        await jq.ack(message)
+    assert not jq.full  # nothing held, nothing left to send
+    await jq.close()
+
+
 async def test_a_job_queue_says_none_once_it_has_nothing_ready(pair: Pair) -> None:
     queue = await job_queue(pair.a, 2)
     jq = await pair.b.open_job(queue, prefetch=1, consume=False)

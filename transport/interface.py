@@ -78,6 +78,12 @@ class JobQueue(abc.ABC):
     def idle(self) -> bool:
         """No range delivered and waiting for a slot."""
 
+    @property
+    @abc.abstractmethod
+    def full(self) -> bool:
+        """As many ranges held unacked as the prefetch allows: the broker sends no more
+        until one is acked."""
+
     @abc.abstractmethod
     async def consume(self) -> None:
         """Start consuming (after a job's set-up)."""

@@ -278,6 +278,10 @@ class MemoryJobQueue(JobQueue):
     def idle(self) -> bool:
         return self._buffer.empty()
 
+    @property
+    def full(self) -> bool:
+        return self._consumer is not None and len(self._consumer.unacked) >= self._prefetch
+
     async def consume(self) -> None:
         if (self._consumer is not None and self._consumer.active) or self._closed or self.backlog is None:
             return

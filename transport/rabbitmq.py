@@ -127,6 +127,10 @@ class AmqpJobQueue(JobQueue):
         """No range delivered and waiting for a slot."""
         return self._buffer.empty()
 
+    @property
+    def full(self) -> bool:
+        return self._outstanding() >= self._prefetch
+
     async def _deliver(self, message: DeliveredMessage) -> None:
         deliver = message.delivery
         assert isinstance(deliver, spec.Basic.Deliver)
@@ -204,8 +208,12 @@ class AmqpJobQueue(JobQueue):
         """Nothing at hand although RabbitMQ may send more (fewer unacked than the
         prefetch): the queue is likely empty, so it is asked at once rather than after
         ``idle`` seconds (at a job's end that wait was most of a job switch)."""
-        outstanding = len(self._unacked) - len(self._acked_alone)
-        return self._received > 0 and self._buffer.empty() and outstanding < self._prefetch
+        return self._received > 0 and self._buffer.empty() and self._outstanding() < self._prefetch
+
+    def _outstanding(self) -> int:
+        """Ranges delivered and not acked (one acked alone stays in ``_unacked`` until
+        the ranges before it are acked)."""
+        return len(self._unacked) - len(self._acked_alone)
 
     async def stop_consuming(self) -> None:
         tag, self._tag = self._tag, None

@@ -247,7 +247,12 @@ class Worker:
                 if job.drained and (job.queue.idle or job.leaving or job.cancelled):
                     continue
                 hold = job.hold()  # before the get: see workers.job
-                if job.queue.idle:  # no range at hand: the next comes once one is acked
+                if job.queue.idle and job.queue.full:
+                    # nothing at hand, and the broker sends the next range only for an
+                    # acked one: the statuses those acks wait for leave now. (Hurried
+                    # whenever nothing was at hand, while ranges were still on their way,
+                    # batches left with a third of the prefetch: a status message, a
+                    # bookkeeping transaction and an ack each 22 ranges at --prefetch 64.)
                     self.reporter.hurry()
                 try:
                     message = await job.queue.get()
