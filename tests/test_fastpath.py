@@ -4,11 +4,15 @@ mandatory), so that falling back on another aiormq release changes nothing but s
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from importlib.metadata import version
+from urllib.parse import urlsplit
 
 import aiormq
 import pytest
 
+from dispatcher.config import Settings
 from transport import fastpath
 from transport.rabbitmq import Broker
 
@@ -43,4 +47,86 @@ async def test_both_paths_publish_every_message_confirmed_persistent_and_named(b
     finally:
         await reader.close()
         await publisher.close()
+        await broker.delete_queue(name)
+
+
+class Cable:
+    """A TCP relay to RabbitMQ that can be cut, as a network is: no close, no goodbye."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        for w in self.writers:
+            w.transport.abort()
+        self.server.close()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["frames", "public"])
+async def test_a_connection_lost_before_the_confirms_raises_and_never_hangs(
+    settings: Settings, broker: Broker, fast: bool
+) -> None:
+    name = broker.names.job(1)
+    await broker.declare_job_queue(name)
+    url = urlsplit(settings.amqp_url)
+    cable = Cable((url.hostname or "127.0.0.1", url.port or 5672))
+    port = await cable.start()
+    connection = await aiormq.connect(url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{port}").geturl())
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        bodies = [b"x" * 10_000] * 2_000
+        last = channel.delivery_tag + len(bodies)
+        batch = asyncio.create_task(fastpath.publish_many(channel, ((name, b) for b in bodies), fast=fast))
+        # every message of it published (tagged), its confirms still to come: at once, not
+        # a poll's interval later
+        while channel.delivery_tag < last:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+        cable.cut()  # no confirm will ever come
+        outcome = await asyncio.wait_for(asyncio.gather(batch, return_exceptions=True), 30)
+        # raised, for the caller to publish again: never assumed sent, never waited on for ever
+        assert isinstance(outcome[0], Exception)
+    finally:
+        with contextlib.suppress(Exception):
+            await connection.close()
+        await broker.delete_queue(name)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["frames", "public"])
+async def test_a_channel_the_broker_closes_before_the_confirms_raises_its_reason(broker: Broker, fast: bool) -> None:
+    name = broker.names.job(1)
+    await broker.declare_job_queue(name)
+    publisher = await broker.connection.channel(publisher_confirms=True, on_return_raises=True)
+    try:
+        underlay = await publisher.get_underlay_channel()
+        bodies = [b"x" * 10_000] * 2_000
+        batch = asyncio.create_task(fastpath.publish_many(underlay, ((name, b) for b in bodies), fast=fast))
+        await asyncio.sleep(0)  # its frames are queued for the socket
+        # an unknown exchange: RabbitMQ closes the channel
+        bad = asyncio.create_task(underlay.basic_publish(b"x", exchange="no.such.exchange", routing_key="x"))
+        outcomes = await asyncio.wait_for(asyncio.gather(batch, bad, return_exceptions=True), 30)
+        assert isinstance(outcomes[1], aiormq.exceptions.ChannelNotFoundEntity)
+        # the batch raised that, or every message of it was confirmed before the close
+        assert isinstance(outcomes[0], aiormq.exceptions.ChannelNotFoundEntity) or (
+            outcomes[0] is None and await broker.queue_depth(name) == len(bodies)
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            await publisher.close()
         await broker.delete_queue(name)
