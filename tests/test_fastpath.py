@@ -13,6 +13,7 @@ import aiormq
 import pytest
 
 from dispatcher.config import Settings
+from tests.helpers import eventually
 from transport import fastpath
 from transport.rabbitmq import Broker
 
@@ -92,11 +93,11 @@ async def test_a_connection_lost_before_the_confirms_raises_and_never_hangs(
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         bodies = [b"x" * 10_000] * 2_000
-        last = channel.delivery_tag + len(bodies)
+        last = channel.delivery_tag + len(bodies)  # type: ignore[attr-defined]
         batch = asyncio.create_task(fastpath.publish_many(channel, ((name, b) for b in bodies), fast=fast))
         # every message of it published (tagged), its confirms still to come: at once, not
         # a poll's interval later
-        while channel.delivery_tag < last:  # noqa: ASYNC110
+        while channel.delivery_tag < last:  # type: ignore[attr-defined]  # noqa: ASYNC110
             await asyncio.sleep(0)
         cable.cut()  # no confirm will ever come
         outcome = await asyncio.wait_for(asyncio.gather(batch, return_exceptions=True), 30)
@@ -129,4 +130,40 @@ async def test_a_channel_the_broker_closes_before_the_confirms_raises_its_reason
     finally:
         with contextlib.suppress(Exception):
             await publisher.close()
+        await broker.delete_queue(name)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["in the reader", "a task each"])
+async def test_both_ways_of_taking_deliveries_give_every_message_whole_and_in_order(broker: Broker, fast: bool) -> None:
+    name = broker.names.job(1)
+    await broker.declare_job_queue(name)
+    bodies = [f"range {i} ".encode() * (1 + i * 4000) for i in range(20)]  # some span several frames
+    await broker.publish_many((name, b) for b in bodies)
+    channel = await broker.connection.channel()
+    try:
+        underlay = await channel.get_underlay_channel()
+        await underlay.basic_qos(prefetch_count=100)
+        direct: list[aiormq.abc.DeliveredMessage] = []
+        tasks: list[aiormq.abc.DeliveredMessage] = []
+
+        def now(message: aiormq.abc.DeliveredMessage) -> None:
+            direct.append(message)
+            if len(direct) == 1:
+                raise RuntimeError("a consumer's bug")  # logged: the reader goes on
+
+        async def in_a_task(message: aiormq.abc.DeliveredMessage) -> None:
+            tasks.append(message)
+
+        assert fastpath.deliver_directly(underlay, "t1", now, fast=fast) == (fast and fastpath.ENABLED)
+        await underlay.basic_consume(name, in_a_task, consumer_tag="t1")
+        got = direct if fast and fastpath.ENABLED else tasks
+        await eventually(lambda: asyncio.sleep(0, len(got) == len(bodies)), what="every delivery")
+        assert not (tasks if got is direct else direct)  # one way only
+        assert [m.body for m in got] == bodies
+        assert [m.delivery.delivery_tag for m in got] == list(range(1, len(bodies) + 1))  # type: ignore[union-attr]
+        assert {m.header.properties.delivery_mode for m in got} == {2}
+        for m in got:
+            await underlay.basic_ack(m.delivery.delivery_tag)  # type: ignore[union-attr, arg-type]
+    finally:
+        await channel.close()
         await broker.delete_queue(name)

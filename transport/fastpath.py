@@ -1,4 +1,5 @@
-"""Publishing many messages in one socket write: the one module that reaches into aiormq.
+"""Publishing many messages in one socket write, and taking deliveries without a task
+each: the one module that reaches into aiormq.
 
 A job's ranges are published together. Through aiormq's public ``basic_publish`` each
 message costs a lock, a timeout, a task and a socket write, and at ranges of one event
@@ -11,6 +12,11 @@ future per batch in the channel's store is rejected if the channel closes.
 Those tables are aiormq's private state: this is written against the aiormq minor
 releases in ``TESTED`` and checked at import. With any other release, or if the
 attributes are missing, ``publish_many`` takes the public path (slower, same results).
+A consumer's deliveries (``deliver_directly``) are handed to a plain function in the
+channel's reader as they are read. aiormq runs each consumer callback as a task of its
+own, wrapped and registered in two future stores with a done callback each: at ranges of
+one event that was a tenth of a worker's time.
+
 tests/test_fastpath.py holds the contract: both paths, against the real broker.
 """
 
@@ -20,14 +26,14 @@ import asyncio
 import itertools
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from importlib.metadata import version
 from typing import Any
 
 import aiormq
 from aiormq import spec
-from aiormq.abc import ChannelFrame
+from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
@@ -35,6 +41,8 @@ log = logging.getLogger(__name__)
 
 TESTED = ("7.2",)  # aiormq minor releases the frame-level path was written and tested against
 _STATE = ("delivery_tag", "confirmations", "message_id_delivery_tag", "write_queue", "lock", "max_content_size")
+_READING = ("consumers", "_on_deliver_frame", "_read_content", "_Channel__get_content_header")
+_DIRECT = "_es_direct_consumers"  # a channel's consumers served in its reader: tag -> function
 
 
 def supported(aiormq_version: str) -> bool:
@@ -107,7 +115,8 @@ async def publish_many(
     finally:
         closed.cancel()
         if not confirmed.done():
-            confirmed.cancel()
+            confirmed.cancel()  # it ends with the CancelledError as its exception: read it
+            confirmed.add_done_callback(lambda f: f.cancelled() or f.exception())
         for c in confirms:  # read, so that none is logged as never retrieved
             if c.done() and not c.cancelled():
                 c.exception()
@@ -124,3 +133,45 @@ def _has_state(channel: aiormq.Channel) -> bool:
 def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int, _: object) -> None:
     if channel.message_id_delivery_tag.get(message_id) == tag:
         del channel.message_id_delivery_tag[message_id]
+
+
+def deliver_directly(
+    channel: aiormq.abc.AbstractChannel,
+    consumer_tag: str,
+    deliver: Callable[[DeliveredMessage], None],
+    *,
+    fast: bool = ENABLED,
+) -> bool:
+    """Hand the deliveries of ``consumer_tag`` on ``channel`` to ``deliver`` in the
+    channel's reader, as each is read, instead of in a task each. Register it before the
+    basic.consume (whose callback stays the way for any other consumer of the channel).
+    ``deliver`` must not block; what it raises is logged. False, and nothing changed,
+    where the fast path is off: the consumer's callback then gets every delivery."""
+    if not fast or not isinstance(channel, aiormq.Channel) or not all(hasattr(channel, a) for a in _READING):
+        return False
+    direct: dict[str, Callable[[DeliveredMessage], None]] | None = getattr(channel, _DIRECT, None)
+    if direct is None:
+        direct = {}
+        setattr(channel, _DIRECT, direct)
+        channel._on_deliver_frame = partial(_on_deliver_frame, channel, direct, channel._on_deliver_frame)  # type: ignore[method-assign]
+    direct[consumer_tag] = deliver
+    return True
+
+
+async def _on_deliver_frame(
+    channel: aiormq.Channel,
+    direct: dict[str, Callable[[DeliveredMessage], None]],
+    through_a_task: Callable[[spec.Basic.Deliver], Any],
+    frame: spec.Basic.Deliver,
+) -> None:
+    deliver = direct.get(frame.consumer_tag or "")
+    if deliver is None or frame.consumer_tag not in channel.consumers:
+        # aiormq's own way (it reads the message, and drops it if nobody consumes it)
+        await through_a_task(frame)
+        return
+    header = await channel._Channel__get_content_header()  # type: ignore[attr-defined]
+    message = await channel._read_content(frame, header)
+    try:
+        deliver(message)
+    except Exception:  # the channel's reader must go on
+        log.exception("a delivery's consumer failed", extra={"consumer_tag": frame.consumer_tag})

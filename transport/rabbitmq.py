@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -37,6 +38,7 @@ from transport.policy import DELAY_STEPS_MS, delay_step
 from transport.urls import redact, split_urls
 
 log = logging.getLogger(__name__)
+_consumer_ids = itertools.count()  # consumer tags of job queues, unique in this process
 
 __all__ = ["DELAY_HEADER", "REFUSED_BY_HEADER", "AmqpJobQueue", "Broker", "with_heartbeat"]
 
@@ -111,7 +113,11 @@ class AmqpJobQueue(JobQueue):
                 # aio_pika.IncomingMessage and the task that hands it over cost the worker
                 # more than the range's own bookkeeping
                 channel = await self._channel.get_underlay_channel()
-                ok = await channel.basic_consume(self.name, self._deliver, no_ack=False, timeout=RPC_SECONDS)
+                tag = f"es.{self.name}.{next(_consumer_ids)}"
+                fastpath.deliver_directly(channel, tag, self._deliver_now)
+                ok = await channel.basic_consume(
+                    self.name, self._deliver, no_ack=False, consumer_tag=tag, timeout=RPC_SECONDS
+                )
                 self._tag = ok.consumer_tag
             except (aiormq.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError, RuntimeError) as exc:
                 # the job ended meanwhile (its queue deleted): ``get`` says there is nothing
@@ -132,6 +138,10 @@ class AmqpJobQueue(JobQueue):
         return self._outstanding() >= self._prefetch
 
     async def _deliver(self, message: DeliveredMessage) -> None:
+        """aiormq's way: a task per delivery (where ``fastpath.deliver_directly`` is off)."""
+        self._deliver_now(message)
+
+    def _deliver_now(self, message: DeliveredMessage) -> None:
         deliver = message.delivery
         assert isinstance(deliver, spec.Basic.Deliver)
         # kept in order even if deliveries' tasks ran out of order: a multiple ack must
