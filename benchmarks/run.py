@@ -59,7 +59,7 @@ from schemas.joblog import job_commands
 ROOT = Path(__file__).resolve().parent.parent
 # workers for no-op payloads: 4 slots, and 64 ranges held so that slots never wait for
 # an ack to get their next range (the setting the README gives for payloads of ms)
-NOOP_WORKER = ("--slots", "4", "--prefetch", "64")
+NOOP_WORKER = ("--slots", "4", "--prefetch", "512")  # the README's setting for payloads of milliseconds
 RESULTS = Path(__file__).parent / "results"
 BIN = Path(sys.executable).parent
 

@@ -83,7 +83,7 @@ SETUPS = [
         "ours, range size 1, full bookkeeping",
         "ours",
         confirms="yes",
-        note="quorum queues, 4 slots, prefetch 64",
+        note="quorum queues, 4 slots, prefetch 512",
     ),
     Setup("dramatiq-t8", "Dramatiq, 8 threads (default)", "dramatiq_app", "dramatiq", note="classic queue"),
     Setup(
