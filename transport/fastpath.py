@@ -72,7 +72,7 @@ async def publish_many(
     items = list(items)
     if not items:
         return
-    if not fast or not isinstance(channel, aiormq.Channel) or not _has_state(channel):
+    if not fast or not isinstance(channel, aiormq.Channel) or not _has(channel, _STATE):
         await asyncio.gather(
             *(
                 channel.basic_publish(
@@ -117,17 +117,15 @@ async def publish_many(
         if not confirmed.done():
             confirmed.cancel()  # it ends with the CancelledError as its exception: read it
             confirmed.add_done_callback(lambda f: f.cancelled() or f.exception())
-        for c in confirms:  # read, so that none is logged as never retrieved
-            if c.done() and not c.cancelled():
-                c.exception()
 
 
 def _message_id() -> str:
     return f"{_prefix}{next(_ids)}"
 
 
-def _has_state(channel: aiormq.Channel) -> bool:
-    return all(hasattr(channel, a) for a in _STATE)
+def _has(channel: aiormq.Channel, names: tuple[str, ...]) -> bool:
+    """The channel has the private state a fast path uses (it may differ in a release)."""
+    return all(hasattr(channel, a) for a in names)
 
 
 def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int, _: object) -> None:
@@ -147,7 +145,7 @@ def deliver_directly(
     basic.consume (whose callback stays the way for any other consumer of the channel).
     ``deliver`` must not block; what it raises is logged. False, and nothing changed,
     where the fast path is off: the consumer's callback then gets every delivery."""
-    if not fast or not isinstance(channel, aiormq.Channel) or not all(hasattr(channel, a) for a in _READING):
+    if not fast or not isinstance(channel, aiormq.Channel) or not _has(channel, _READING):
         return False
     direct: dict[str, Callable[[DeliveredMessage], None]] | None = getattr(channel, _DIRECT, None)
     if direct is None:

@@ -135,7 +135,8 @@ class AmqpJobQueue(JobQueue):
 
     @property
     def full(self) -> bool:
-        return self._outstanding() >= self._prefetch
+        # one acked alone stays in ``_unacked`` until the ranges before it are acked
+        return len(self._unacked) - len(self._acked_alone) >= self._prefetch
 
     async def _deliver(self, message: DeliveredMessage) -> None:
         """aiormq's way: a task per delivery (where ``fastpath.deliver_directly`` is off)."""
@@ -218,12 +219,7 @@ class AmqpJobQueue(JobQueue):
         """Nothing at hand although RabbitMQ may send more (fewer unacked than the
         prefetch): the queue is likely empty, so it is asked at once rather than after
         ``idle`` seconds (at a job's end that wait was most of a job switch)."""
-        return self._received > 0 and self._buffer.empty() and self._outstanding() < self._prefetch
-
-    def _outstanding(self) -> int:
-        """Ranges delivered and not acked (one acked alone stays in ``_unacked`` until
-        the ranges before it are acked)."""
-        return len(self._unacked) - len(self._acked_alone)
+        return self._received > 0 and self.idle and not self.full
 
     async def stop_consuming(self) -> None:
         tag, self._tag = self._tag, None
