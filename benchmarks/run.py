@@ -57,9 +57,10 @@ from dispatcher.config import Settings
 from schemas.joblog import job_commands
 
 ROOT = Path(__file__).resolve().parent.parent
-# workers for no-op payloads: 4 slots, and 64 ranges held so that slots never wait for
-# an ack to get their next range (the setting the README gives for payloads of ms)
-NOOP_WORKER = ("--slots", "4", "--prefetch", "512")  # the README's setting for payloads of milliseconds
+# workers for no-op payloads: 4 slots, and 512 ranges held, so that slots never wait for
+# an ack to get their next range and a status batch is shared by many (the setting the
+# README gives for payloads of ms)
+NOOP_WORKER = ("--slots", "4", "--prefetch", "512")
 RESULTS = Path(__file__).parent / "results"
 BIN = Path(sys.executable).parent
 

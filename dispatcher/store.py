@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 RETURNS = ("returned", "stopped")
 FAILURES = ("failed", "fatal")
 _RANK = {**EVENT_RANK, "fatal": EVENT_RANK["failed"]}  # of what a worker reports, as far as it goes
-# a task's counts are sampled at most once per this fraction of its run so far (the
+# a task's counts are sampled at most once per SAMPLES_PER_RUN-th of its run so far (the
 # monitor draws at most pictures.MAX_SAMPLES of a task's samples)
 SAMPLES_PER_RUN = 500
 

@@ -249,10 +249,9 @@ class Worker:
                 hold = job.hold()  # before the get: see workers.job
                 if job.queue.idle and job.queue.full:
                     # nothing at hand, and the broker sends the next range only for an
-                    # acked one: the statuses those acks wait for leave now. (Hurried
-                    # whenever nothing was at hand, while ranges were still on their way,
-                    # batches left with a third of the prefetch: a status message, a
-                    # bookkeeping transaction and an ack each 22 ranges at --prefetch 64.)
+                    # acked one: the statuses those acks wait for leave now (not while
+                    # ranges are still on their way: batches would leave small, each a
+                    # status message, a bookkeeping transaction and an ack)
                     self.reporter.hurry()
                 try:
                     message = await job.queue.get()
